@@ -1,0 +1,201 @@
+"""The audit writer: a background thread that commits rows in groups.
+
+A request about to go upstream awaits only its own row's commit (`begin`); completions,
+refusals and captured content are queued and never waited for. While one batch commits,
+the next one gathers, so throughput grows with load instead of per-row fsyncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from spendgate.store import Store
+
+log = logging.getLogger("spendgate.audit")
+
+MAX_BATCH = 500
+RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
+
+
+@dataclass
+class _Item:
+    kind: str  # insert | update | content
+    row: dict[str, Any]
+    done: asyncio.Future[None] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    attempts: int = 0
+
+
+@dataclass
+class AuditStats:
+    committed_rows: int = 0
+    batches: int = 0
+    write_errors: int = 0
+    last_error: str | None = None
+    on_error: list[Callable[[str], None]] = field(default_factory=list)
+
+
+class AuditWriter:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._q: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._lock = threading.Lock()
+        self.stats = AuditStats()
+        self.healthy = True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="spendgate-audit", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Flush what is queued, then stop."""
+        if self._thread is None:
+            return
+        self._q.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    # -- producers (event loop) -----------------------------------------------
+
+    async def begin(self, row: dict[str, Any]) -> None:
+        """Insert the "did it happen" row and wait until it is committed. Raises if it cannot be."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._put(_Item("insert", row, fut, loop))
+        await fut
+
+    def insert(self, row: dict[str, Any]) -> None:
+        self._put(_Item("insert", row))
+
+    def update(self, row: dict[str, Any]) -> None:
+        self._put(_Item("update", row))
+
+    def content(self, row: dict[str, Any]) -> None:
+        self._put(_Item("content", row))
+
+    def _put(self, item: _Item) -> None:
+        with self._lock:
+            self._pending += 1
+        self._q.put(item)
+
+    # -- the writer thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        retry: list[_Item] = []
+        while not (stopping and not retry):
+            batch = retry
+            retry = []
+            if not batch:
+                first = self._q.get()
+                if first is None:
+                    stopping = True
+                else:
+                    batch.append(first)
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    continue
+                batch.append(nxt)
+            if not batch:
+                continue
+            retry = self._commit(batch)
+            if retry and len(retry) > 1 and min(i.attempts for i in retry) >= 3 and self._store_alive():
+                retry = self._isolate(retry)
+            if retry:
+                delay = RETRY_DELAYS[min(max(i.attempts for i in retry) - 1, len(RETRY_DELAYS) - 1)]
+                if stopping and max(i.attempts for i in retry) >= len(RETRY_DELAYS):
+                    log.error("audit: dropping %d rows after repeated failures at shutdown", len(retry))
+                    break
+                time.sleep(delay)
+
+    def _store_alive(self) -> bool:
+        try:
+            self._store.ping()
+            return True
+        except Exception:
+            return False
+
+    def _isolate(self, items: list[_Item]) -> list[_Item]:
+        """The store answers but the batch keeps failing: one row is bad. Commit rows singly, drop the bad."""
+        for item in items:
+            if self._commit([item]):
+                log.error("audit: dropping a %s row that the store rejects (request %s)", item.kind, item.row.get("id") or item.row.get("request_id"))
+                with self._lock:
+                    self._pending -= 1
+        return []
+
+    def _commit(self, batch: list[_Item]) -> list[_Item]:
+        inserts = [i.row for i in batch if i.kind == "insert"]
+        updates = [i.row for i in batch if i.kind == "update"]
+        contents = [i.row for i in batch if i.kind == "content"]
+        try:
+            self._store.write_audit_batch(inserts, updates, contents)
+        except Exception as e:
+            self.stats.write_errors += 1
+            self.stats.last_error = type(e).__name__
+            if self.healthy:
+                log.error("audit: write failed (%s); retrying", type(e).__name__)
+            self.healthy = False
+            for cb in self.stats.on_error:
+                cb(type(e).__name__)
+            keep: list[_Item] = []
+            for item in batch:
+                item.attempts += 1
+                if item.done is not None:
+                    # A request waiting for its row must not wait for a dead store: fail it now.
+                    self._resolve(item, e)
+                    with self._lock:
+                        self._pending -= 1
+                else:
+                    keep.append(item)
+            return keep
+        if not self.healthy:
+            log.info("audit: writes succeed again")
+        self.healthy = True
+        self.stats.committed_rows += len(batch)
+        self.stats.batches += 1
+        with self._lock:
+            self._pending -= len(batch)
+        for item in batch:
+            if item.done is not None:
+                self._resolve(item, None)
+        return []
+
+    @staticmethod
+    def _resolve(item: _Item, exc: BaseException | None) -> None:
+        fut, loop = item.done, item.loop
+        assert fut is not None and loop is not None
+
+        def _set() -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(AuditUnavailable(type(exc).__name__))
+
+        try:
+            loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+
+class AuditUnavailable(RuntimeError):
+    """The audit row could not be committed; the request must not go upstream."""

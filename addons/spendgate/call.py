@@ -1,0 +1,76 @@
+"""The per-request record every stage reads and writes (`flow.metadata["spendgate"]`)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from mitmproxy import http
+
+from spendgate.keys import KeyRecord
+from spendgate.models import utcnow
+from spendgate.providers import error_body
+from spendgate.settings import ProviderSettings
+
+META = "spendgate"
+REQUEST_ID_HEADER = "x-spendgate-request-id"
+
+
+def new_request_id() -> str:
+    return "sgr_" + secrets.token_hex(12)
+
+
+@dataclass
+class Call:
+    request_id: str
+    provider: ProviderSettings
+    started_at: datetime = field(default_factory=utcnow)
+    t0: float = field(default_factory=time.perf_counter)
+    key: KeyRecord | None = None
+    credential_source: str | None = None  # proxy | header | query
+    byok_passthrough: bool = False
+    endpoint_kind: str = "other"
+    model_requested: str | None = None
+    stream: bool = False
+    max_output_tokens: int | None = None
+    body: dict[str, Any] | None = None
+    outcome: str | None = None
+    status_code: int | None = None
+    error: str | None = None
+    request_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.provider.spec.family
+
+    @property
+    def user(self) -> str | None:
+        return self.key.user if self.key else None
+
+
+def get_call(flow: http.HTTPFlow) -> Call | None:
+    c = flow.metadata.get(META)
+    return c if isinstance(c, Call) else None
+
+
+def refuse(
+    flow: http.HTTPFlow,
+    call: Call,
+    status: int,
+    code: str,
+    message: str,
+    outcome: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Answer the client ourselves, in the provider's error shape; nothing goes upstream."""
+    call.outcome = outcome
+    call.status_code = status
+    call.error = code
+    hdrs = {"content-type": "application/json", REQUEST_ID_HEADER: call.request_id}
+    if headers:
+        hdrs.update(headers)
+    flow.response = http.Response.make(status, error_body(call.family, status, code, message), hdrs)

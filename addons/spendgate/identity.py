@@ -1,0 +1,250 @@
+"""Stage 1: who is calling. Proxy credentials or a gateway key in the SDK's key slot.
+
+Whatever credential the client sent is removed; the provider's upstream key is set
+(or, for a BYOK key, the client's own provider key is kept). Non-model hosts need
+valid proxy credentials at CONNECT: the gateway is never an open proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from mitmproxy import connection, http
+
+from spendgate.call import META, REQUEST_ID_HEADER, Call, new_request_id, refuse
+from spendgate.keys import KeyRecord, looks_like_gateway_key, parse_key
+from spendgate.models import utcnow
+from spendgate.providers import (
+    KEY_HEADERS,
+    KEY_QUERY_PARAMS,
+    ProviderSpec,
+    looks_like_provider_key,
+    strip_bearer,
+    upstream_auth_headers,
+)
+from spendgate.runtime import Runtime
+
+log = logging.getLogger("spendgate.identity")
+
+NEGATIVE_CACHE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class ProxyCred:
+    username: str
+    password: str
+    malformed: bool = False
+
+    @property
+    def gateway_key(self) -> str | None:
+        for part in (self.password, self.username):
+            if looks_like_gateway_key(part):
+                return part
+        return None
+
+
+def parse_proxy_authorization(value: str | None) -> ProxyCred | None:
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "basic":
+        return ProxyCred("", "", malformed=True)
+    try:
+        user, sep, pw = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return ProxyCred("", "", malformed=True)
+    if not sep:
+        return ProxyCred("", "", malformed=True)
+    return ProxyCred(unquote(user), unquote(pw))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    key: KeyRecord | None
+    status: int = 0
+    code: str = ""
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.key is not None
+
+
+class Identity:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._conn_creds: weakref.WeakKeyDictionary[connection.Client, ProxyCred | None] = weakref.WeakKeyDictionary()
+        self._misses: dict[str, float] = {}
+
+    # -- key resolution -------------------------------------------------------
+
+    async def resolve(self, value: str) -> Verdict:
+        """A gateway key string -> the key record, or why not."""
+        parsed = parse_key(value)
+        if parsed is None:
+            return Verdict(None, 401, "spendgate_invalid_key",
+                           "This is not a valid Spendgate key (expected sg_<id>_<secret>). Check the key `spendgate keys create` printed.")
+        rec = self.rt.registry.get(parsed.key_id)
+        if rec is None:
+            rec = await self._load_miss(parsed.key_id)
+        now = utcnow()
+        if rec is None or not (rec.matches(parsed.secret, now)):
+            return Verdict(None, 401, "spendgate_unknown_key",
+                           "Unknown Spendgate key. Ask your admin for a key (`spendgate keys create`).")
+        if rec.state == "revoked":
+            return Verdict(None, 403, "spendgate_key_revoked",
+                           f"Spendgate key {rec.key_id} has been revoked. Ask your admin for a new key.")
+        if rec.expires_at is not None and rec.expires_at <= now:
+            return Verdict(None, 403, "spendgate_key_expired",
+                           f"Spendgate key {rec.key_id} expired at {rec.expires_at.isoformat()}. Ask your admin for a new key.")
+        return Verdict(rec)
+
+    async def _load_miss(self, key_id: str) -> KeyRecord | None:
+        # A key minted since the last registry poll; bounded so garbage ids cannot hammer the store.
+        t = self._misses.get(key_id)
+        now = time.monotonic()
+        if t is not None and now - t < NEGATIVE_CACHE_SECONDS:
+            return None
+        try:
+            rec = await asyncio.to_thread(self.rt.registry.load_one, key_id)
+        except Exception as e:
+            log.warning("key lookup failed: %s", type(e).__name__)
+            rec = None
+        if rec is None:
+            if len(self._misses) > 10_000:
+                self._misses.clear()
+            self._misses[key_id] = now
+        return rec
+
+    # -- CONNECT --------------------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        cred = parse_proxy_authorization(flow.request.headers.get("proxy-authorization"))
+        flow.request.headers.pop("proxy-authorization", None)
+        self._conn_creds[flow.client_conn] = cred
+        if self.rt.provider_for_host(flow.request.host) is not None:
+            return  # identity is checked per request, so the SDK gets a provider-shaped answer
+        await self._gate_other_host(flow, cred)
+
+    async def _gate_other_host(self, flow: http.HTTPFlow, cred: ProxyCred | None) -> bool:
+        if self.rt.settings.proxy.block_other_hosts:
+            flow.response = http.Response.make(
+                403, b"Spendgate: only model API hosts are allowed through this gateway.\n",
+                {"content-type": "text/plain", REQUEST_ID_HEADER: new_request_id()},
+            )
+            return False
+        key = cred.gateway_key if cred else None
+        if key is None or not (await self.resolve(key)).ok:
+            flow.response = http.Response.make(
+                407, b"Spendgate: proxy authentication required (HTTPS_PROXY=http://USER:KEY@host:port).\n",
+                {"proxy-authenticate": 'Basic realm="spendgate"', "content-type": "text/plain",
+                 REQUEST_ID_HEADER: new_request_id()},
+            )
+            return False
+        return True
+
+    # -- requests -------------------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        provider = self.rt.provider_for_host(flow.request.pretty_host)
+        request_cred = None
+        if "proxy-authorization" in flow.request.headers:
+            request_cred = parse_proxy_authorization(flow.request.headers.pop("proxy-authorization"))
+        if provider is None:
+            # Plain-HTTP proxying of a non-model host (a CONNECT was checked at CONNECT time).
+            if not flow.client_conn.tls_established and flow.client_conn not in self._conn_creds:
+                await self._gate_other_host(flow, request_cred)
+            return
+        call = Call(request_id=new_request_id(), provider=provider)
+        flow.metadata[META] = call
+        call.extra["client_addr"] = flow.client_conn.peername[0] if flow.client_conn.peername else None
+        call.extra["user_agent"] = flow.request.headers.get("user-agent")
+
+        cred = request_cred or self._conn_creds.get(flow.client_conn)
+        client_keys = self._take_client_keys(flow)
+        foreign = [k for k in client_keys if not looks_like_gateway_key(k) and looks_like_provider_key(k)]
+        gateway_keys = [k for k in client_keys if looks_like_gateway_key(k)]
+
+        verdict: Verdict | None = None
+        if cred is not None and (cred.malformed or cred.gateway_key is None):
+            if not gateway_keys:
+                refuse(flow, call, 401, "spendgate_bad_proxy_credentials",
+                       "Proxy credentials are malformed or carry no Spendgate key. Use HTTPS_PROXY=http://USER:sg_...@host:port.",
+                       "blocked_auth")
+                return
+        if cred is not None and cred.gateway_key is not None:
+            call.credential_source = "proxy"
+            verdict = await self.resolve(cred.gateway_key)
+        elif gateway_keys:
+            call.credential_source = "header"
+            verdict = await self.resolve(gateway_keys[0])
+
+        if verdict is None:
+            if foreign:
+                refuse(flow, call, 403, "spendgate_foreign_key",
+                       "Provider API keys are not accepted by this gateway; use your Spendgate key (sg_...) instead.",
+                       "blocked_policy")
+            elif client_keys:
+                refuse(flow, call, 401, "spendgate_invalid_key",
+                       "This is not a valid Spendgate key (expected sg_<id>_<secret>). Check the key `spendgate keys create` printed.",
+                       "blocked_auth")
+            else:
+                refuse(flow, call, 401, "spendgate_no_key",
+                       "No Spendgate key. Put your sg_... key in HTTPS_PROXY (http://USER:KEY@host:port) or use it as the API key.",
+                       "blocked_auth")
+            return
+        if not verdict.ok:
+            refuse(flow, call, verdict.status, verdict.code, verdict.message, "blocked_auth")
+            return
+        key = verdict.key
+        assert key is not None
+        call.key = key
+        self.rt.registry.mark_used(key.key_id)
+
+        if foreign:
+            if not key.byok:
+                refuse(flow, call, 403, "spendgate_foreign_key",
+                       f"Provider API keys are not accepted for {key.user}; remove it and let the gateway supply the key "
+                       "(or ask your admin for a --byok key).",
+                       "blocked_policy")
+                return
+            call.byok_passthrough = True
+            self._set_client_key(flow, foreign[0], provider.spec)
+            return
+        if not provider.api_key:
+            refuse(flow, call, 503, "spendgate_upstream_key_missing",
+                   f"The gateway has no upstream API key for {provider.name}; an admin must set providers.{provider.name}.api_key.",
+                   "gateway_error")
+            return
+        self._set_client_key(flow, provider.api_key, provider.spec)
+
+    def _take_client_keys(self, flow: http.HTTPFlow) -> list[str]:
+        found: list[str] = []
+        for h in KEY_HEADERS:
+            for v in flow.request.headers.get_all(h):
+                v = strip_bearer(v) if h == "authorization" else v.strip()
+                if v and v not in found:
+                    found.append(v)
+            flow.request.headers.pop(h, None)
+        q = flow.request.query
+        for p in KEY_QUERY_PARAMS:
+            for v in q.get_all(p):
+                if v and v not in found:
+                    found.append(v)
+            if p in q:
+                del q[p]
+        return found
+
+    @staticmethod
+    def _set_client_key(flow: http.HTTPFlow, key: str, spec: ProviderSpec) -> None:
+        name, value = upstream_auth_headers(spec, key)
+        flow.request.headers[name] = value

@@ -1,0 +1,169 @@
+"""What a request cost, in USD, as a `Decimal`.
+
+Prices come from `[prices.overrides]` when configured, else from genai-prices' bundled data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+import genai_prices
+from genai_prices.data_snapshot import get_snapshot
+
+from spendgate.usage import Usage
+
+__all__ = ["GENAI_PROVIDER_IDS", "PriceOverride", "Pricer"]
+
+log = logging.getLogger(__name__)
+
+_MILLION = Decimal(1_000_000)
+# Model names come from clients: bound what we remember about them.
+_MEMO_LIMIT = 10_000
+
+# Spendgate provider name -> genai-prices provider id.
+GENAI_PROVIDER_IDS: Mapping[str, str] = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "gemini": "google",
+    "google": "google",
+    "azure": "azure",
+    "mistral": "mistral",
+    "groq": "groq",
+    "deepseek": "deepseek",
+    "openrouter": "openrouter",
+    "xai": "x-ai",
+    "x-ai": "x-ai",
+    "together": "together",
+}
+
+
+def _decimal(value: object) -> Decimal:
+    # str() first: Decimal(2.1) would carry the float's binary error into every bill.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
+        raise ValueError(f"not a price: {value!r}")
+    result = Decimal(str(value))
+    if not result.is_finite() or result < 0:
+        raise ValueError(f"not a price: {value!r}")
+    return result
+
+
+@dataclass(frozen=True)
+class PriceOverride:
+    """USD per million tokens. Cache prices default to the input price.
+
+    >>> PriceOverride.parse({"input": 2.5, "output": 10.0, "cache_read": 1.25}).cache_read
+    Decimal('1.25')
+    """
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+
+    @classmethod
+    def parse(cls, table: Mapping[str, object]) -> PriceOverride:
+        """From one `[prices.overrides]` TOML value; raises ValueError on bad or unknown keys."""
+        unknown = set(table) - {"input", "output", "cache_read", "cache_write"}
+        if unknown:
+            raise ValueError(f"unknown price keys: {', '.join(sorted(unknown))}")
+        if "input" not in table or "output" not in table:
+            raise ValueError("a price override needs both input and output")
+        return cls(
+            input=_decimal(table["input"]),
+            output=_decimal(table["output"]),
+            cache_read=_decimal(table["cache_read"]) if "cache_read" in table else None,
+            cache_write=_decimal(table["cache_write"]) if "cache_write" in table else None,
+        )
+
+    def cost(self, usage: Usage) -> Decimal:
+        cache_read = usage.cache_read_tokens
+        cache_write = usage.cache_write_tokens
+        uncached = max(usage.input_tokens - cache_read - cache_write, 0)
+        total = (
+            uncached * self.input
+            + cache_read * (self.input if self.cache_read is None else self.cache_read)
+            + cache_write * (self.input if self.cache_write is None else self.cache_write)
+            + usage.output_tokens * self.output
+        )
+        return total / _MILLION
+
+
+def _key(provider: str, model: str) -> str:
+    return f"{provider.lower()}:{model.lower()}"
+
+
+class Pricer:
+    """Prices a request. Lookups are memoised per (provider, model): this runs on every request.
+
+    >>> Pricer({}).cost("openai", "gpt-4o", Usage(input_tokens=1_000_000))
+    Decimal('2.5')
+    """
+
+    def __init__(self, overrides: Mapping[str, PriceOverride] | None = None) -> None:
+        self._overrides = {k.lower(): v for k, v in (overrides or {}).items()}
+        self._canonical: dict[tuple[str, str], str | None] = {}
+        self._warned: set[tuple[str, str | None]] = set()
+
+    def cost(self, provider: str, model: str | None, usage: Usage) -> Decimal | None:
+        """USD for `usage`, full precision; None when the model has no known price."""
+        if model:
+            override = self._override(provider, model)
+            if override is not None:
+                return override.cost(usage)
+            canonical = self._lookup(provider, model)
+            if canonical is not None:
+                try:
+                    result = genai_prices.calc_price(
+                        usage, model, provider_id=self._provider_id(provider)
+                    )
+                except (LookupError, ValueError) as e:
+                    self._warn_once(provider, model, str(e))
+                    return None
+                return result.total_price
+        self._warn_once(provider, model, "no price known")
+        return None
+
+    def normalise_model(self, provider: str, model: str) -> str:
+        """genai-prices' id for `model` (dated snapshots fold into their family), else `model`."""
+        return self._lookup(provider, model) or model
+
+    def _override(self, provider: str, model: str) -> PriceOverride | None:
+        if not self._overrides:
+            return None
+        found = self._overrides.get(_key(provider, model))
+        if found is None:
+            canonical = self._lookup(provider, model)
+            if canonical is not None:
+                found = self._overrides.get(_key(provider, canonical))
+        return found
+
+    def _lookup(self, provider: str, model: str) -> str | None:
+        key = (provider, model)
+        try:
+            return self._canonical[key]
+        except KeyError:
+            pass
+        try:
+            _, info = get_snapshot().find_provider_model(model, None, self._provider_id(provider), None)
+            canonical: str | None = info.id
+        except LookupError:
+            canonical = None  # remembered: genai-prices does not cache misses and they scan everything
+        if len(self._canonical) >= _MEMO_LIMIT:
+            self._canonical.clear()
+        self._canonical[key] = canonical
+        return canonical
+
+    @staticmethod
+    def _provider_id(provider: str) -> str:
+        return GENAI_PROVIDER_IDS.get(provider.lower(), provider.lower())
+
+    def _warn_once(self, provider: str, model: str | None, why: str) -> None:
+        if (provider, model) in self._warned:
+            return
+        if len(self._warned) >= _MEMO_LIMIT:
+            return  # a flood of made-up names: stay quiet rather than grow
+        self._warned.add((provider, model))
+        log.warning("no price for provider=%s model=%s (%s); cost recorded as unknown", provider, model, why)

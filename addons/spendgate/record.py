@@ -1,0 +1,159 @@
+"""Stage: the audit record. The row is committed before the request goes upstream and
+completed when it ends; refusals get a row too. Content only for keys with capture on."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from mitmproxy import http
+
+from spendgate.auditlog import AuditUnavailable, AuditWriter
+from spendgate.call import Call, get_call, refuse
+from spendgate.meter import body_text, nano_usd
+from spendgate.models import utcnow
+from spendgate.runtime import Runtime
+from spendgate.usage import Usage
+
+log = logging.getLogger("spendgate.record")
+
+INSTANCE_ID = uuid.uuid4().hex[:12]
+
+
+def classify_error(flow: http.HTTPFlow) -> tuple[str, int | None]:
+    """(outcome, status) for a flow that ended in an error."""
+    msg = (flow.error.msg if flow.error else "").lower()
+    if "client disconnected" in msg or "client closed" in msg or ("killed" in msg and flow.response is not None):
+        return "client_aborted", flow.response.status_code if flow.response else None
+    if flow.response is not None:
+        return "upstream_error", flow.response.status_code
+    if "timed out" in msg or "timeout" in msg:
+        return "upstream_error", 504
+    return "upstream_error", 502
+
+
+class Record:
+    def __init__(self, rt: Runtime, writer: AuditWriter) -> None:
+        self.rt = rt
+        self.writer = writer
+
+    def _capture_reason(self, call: Call) -> str | None:
+        if call.key is not None and call.key.capture_content:
+            return call.key.capture_reason or "key capture on"
+        if self.rt.settings.capture_content:
+            return "audit.capture_content = true (global)"
+        return None
+
+    def _base_row(self, flow: http.HTTPFlow, call: Call) -> dict[str, Any]:
+        key = call.key
+        return {
+            "id": call.request_id,
+            "started_at": call.started_at,
+            "user": key.user if key else None,
+            "team": key.team if key else None,
+            "key_id": key.key_id if key else None,
+            "provider": call.provider.name,
+            "host": flow.request.pretty_host,
+            "method": flow.request.method,
+            "path": flow.request.path.split("?", 1)[0][:2000],
+            "endpoint_kind": call.endpoint_kind,
+            "model_requested": call.model_requested,
+            "stream": call.stream,
+            "request_bytes": call.request_bytes,
+            "client_addr": call.extra.get("client_addr"),
+            "user_agent": (call.extra.get("user_agent") or "")[:300] or None,
+            "instance_id": INSTANCE_ID,
+        }
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        call = get_call(flow)
+        if call is None or flow.response is not None:
+            return
+        row = self._base_row(flow, call)
+        row["outcome"] = "incomplete"
+        reason = self._capture_reason(call)
+        if reason is not None:
+            call.extra["capture"] = bytearray()
+            call.extra["capture_reason"] = reason
+            row["content_captured"] = True
+        try:
+            await self.writer.begin(row)
+        except AuditUnavailable as e:
+            if self.rt.settings.fail_closed:
+                refuse(flow, call, 503, "spendgate_store_unavailable",
+                       "The gateway cannot write its audit log right now, so the request was not sent. Try again shortly.",
+                       "gateway_error")
+                call.extra["begin_failed"] = str(e)
+                return
+            log.error("audit row not committed (%s); forwarding because budgets.fail_closed = false", e)
+            call.extra["begin_failed"] = str(e)
+            return
+        call.extra["begun"] = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        call = get_call(flow)
+        if call is None or call.extra.get("finished"):
+            return
+        call.extra["finished"] = True
+        end = utcnow()
+        fields: dict[str, Any] = {"ended_at": end, "latency_ms": round((time.perf_counter() - call.t0) * 1000, 3)}
+        if call.outcome is not None:  # refused by a stage
+            fields.update(outcome=call.outcome, status_code=call.status_code, error=call.error,
+                          response_bytes=len(flow.response.raw_content or b"") if flow.response else 0)
+        else:
+            outcome, status, error = self._outcome(flow, call)
+            call.outcome, call.status_code = outcome, status
+            fields.update(outcome=outcome, status_code=status, error=error,
+                          response_bytes=call.extra.get("response_bytes", 0))
+            t_first = call.extra.get("t_first")
+            if t_first is not None and call.stream:
+                fields["ttft_ms"] = round((t_first - call.t0) * 1000, 3)
+        usage: Usage | None = call.extra.get("usage")
+        if usage is not None:
+            fields.update(
+                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
+                reasoning_tokens=usage.reasoning_tokens, usage_source=call.extra.get("usage_source"),
+                model_reported=usage.model_reported, upstream_request_id=usage.upstream_request_id,
+                cost_nusd=nano_usd(call.extra.get("cost")),
+            )
+        if call.extra.get("begun"):
+            self.writer.update({"id": call.request_id, **fields})
+        else:
+            row = self._base_row(flow, call)
+            row.update(fields)
+            if call.extra.get("begin_failed"):
+                row["error"] = f"{row.get('error') or ''} (audit row written late: {call.extra['begin_failed']})".strip()
+            self.writer.insert(row)
+        capture = call.extra.get("capture")
+        if call.extra.get("begun") and capture is not None:
+            if call.extra.get("tap") is None and flow.response is not None:
+                capture.extend((flow.response.get_content(strict=False) or b"")[: 4 * 1024 * 1024])
+            self.writer.content({
+                "request_id": call.request_id, "captured_at": end, "key_id": call.key.key_id if call.key else None,
+                "reason": call.extra.get("capture_reason") or "",
+                "request_body": body_text(flow.request.get_content(strict=False)),
+                "response_body": body_text(bytes(capture)),
+            })
+
+    @staticmethod
+    def _outcome(flow: http.HTTPFlow, call: Call) -> tuple[str, int | None, str | None]:
+        if flow.error is not None:
+            outcome, status = classify_error(flow)
+            return outcome, status, flow.error.msg[:500]
+        assert flow.response is not None
+        status = flow.response.status_code
+        if status >= 400:
+            return "upstream_error", status, f"upstream answered {status}"
+        tap = call.extra.get("tap")
+        if tap is not None and not tap.completed:
+            return "upstream_error", status, "stream ended before its final event (usage estimated)"
+        return "completed", status, None

@@ -1,0 +1,69 @@
+"""Process-wide objects, built once from settings and handed to every stage."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from spendgate.auditlog import AuditWriter
+from spendgate.pricing import Pricer
+from spendgate.providers import HostMatcher
+from spendgate.models import utcnow
+from spendgate.registry import KeyRegistry
+from spendgate.settings import ProviderSettings, Settings
+from spendgate.store import Store
+
+log = logging.getLogger("spendgate")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: Store
+    registry: KeyRegistry
+    hosts: HostMatcher
+    writer: AuditWriter
+    pricer: Pricer
+    _insecure_upstreams: set[tuple[str, int]] = field(default_factory=set)
+
+    @classmethod
+    def build(cls, settings: Settings) -> "Runtime":
+        store = Store(settings.database_url)
+        hostmap: dict[str, str] = {}
+        insecure: set[tuple[str, int]] = set()
+        for p in settings.providers:
+            for h in p.hosts:
+                hostmap[h] = p.name
+            if p.upstream is not None and not p.verify_upstream_tls:
+                insecure.add((p.upstream.host, p.upstream.port))
+        return cls(settings, store, KeyRegistry(store), HostMatcher(hostmap), AuditWriter(store),
+                   Pricer(settings.price_overrides), insecure)
+
+    def start(self) -> None:
+        """Blocking: migrate an empty database, load keys, start the background threads."""
+        if self.store.current_revision() is None:
+            before, after = self.store.upgrade()
+            log.info("database initialised (schema %s)", after)
+        elif self.store.current_revision() != self.store.head_revision():
+            raise SystemExit(
+                f"database schema is at {self.store.current_revision()}, this gateway needs "
+                f"{self.store.head_revision()}: run `spendgate db upgrade`"
+            )
+        stale = self.store.mark_stale_incomplete(utcnow() - timedelta(seconds=self.settings.reservation_ttl_seconds))
+        if stale:
+            log.warning("%d audit rows left open by a stopped gateway are marked incomplete", stale)
+        self.registry.start()
+        self.writer.start()
+
+    def stop(self) -> None:
+        self.writer.stop()
+        self.registry.stop()
+        self.store.close()
+
+    def provider_for_host(self, host: str) -> ProviderSettings | None:
+        name = self.hosts.match(host)
+        return self.settings.provider(name) if name else None
+
+    def verify_upstream(self, host: str, port: int) -> bool:
+        return (host, port) not in self._insecure_upstreams

@@ -1,0 +1,430 @@
+"""The only module that talks SQL: schema upgrades, keys, admin events.
+
+All methods are blocking; the proxy calls them from worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from spendgate import keys as keyfmt
+from spendgate.keys import KeyRecord
+from spendgate.models import AdminEvent, ApiKey, AuditRecord, CapturedContent, RegistryVersion, Team, User, utcnow
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class NotFound(StoreError):
+    pass
+
+
+def default_actor() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return f"uid:{os.getuid()}"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _rec: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
+
+
+@dataclass(frozen=True)
+class KeyListing:
+    key_id: str
+    user: str
+    team: str | None
+    state: str
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    models: tuple[str, ...]
+    rpm: int | None
+    byok: bool
+    capture_content: bool
+    capture_reason: str | None
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.is_sqlite = url.startswith("sqlite")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema ---------------------------------------------------------------
+
+    def _alembic(self) -> AlembicConfig:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        return cfg
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def head_revision(self) -> str | None:
+        return ScriptDirectory.from_config(self._alembic()).get_current_head()
+
+    def upgrade(self) -> tuple[str | None, str | None]:
+        """Apply pending migrations; returns (before, after) revisions."""
+        before = self.current_revision()
+        cfg = self._alembic()
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        return before, self.current_revision()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    # -- keys -----------------------------------------------------------------
+
+    def _bump(self, s: Session) -> None:
+        s.execute(sa.update(RegistryVersion).where(RegistryVersion.id == 1).values(version=RegistryVersion.version + 1))  # type: ignore[arg-type]
+
+    def _event(self, s: Session, actor: str, action: str, target: str, before: Any, after: Any) -> None:
+        s.add(
+            AdminEvent(
+                at=utcnow(), actor=actor, action=action, target=target,
+                before=None if before is None else json.dumps(before, default=str, sort_keys=True),
+                after=None if after is None else json.dumps(after, default=str, sort_keys=True),
+            )
+        )
+
+    def _user(self, s: Session, name: str, team: str | None) -> User:
+        now = utcnow()
+        team_id = None
+        if team:
+            t = s.exec(select(Team).where(Team.name == team)).first()
+            if t is None:
+                t = Team(name=team, created_at=now)
+                s.add(t)
+                s.flush()
+            team_id = t.id
+        u = s.exec(select(User).where(User.name == name)).first()
+        if u is None:
+            u = User(name=name, team_id=team_id, created_at=now)
+            s.add(u)
+            s.flush()
+        elif team is not None and u.team_id != team_id:
+            u.team_id = team_id
+            s.add(u)
+        return u
+
+    def create_key(
+        self,
+        user: str,
+        *,
+        team: str | None = None,
+        models: Sequence[str] = (),
+        expires_at: datetime | None = None,
+        rpm: int | None = None,
+        byok: bool = False,
+        capture_content: bool = False,
+        capture_reason: str | None = None,
+        actor: str | None = None,
+    ) -> tuple[str, str]:
+        """Mint a key; returns (key_id, full key). The full key exists only in this return value."""
+        if capture_content and not capture_reason:
+            raise StoreError("content capture needs a reason (--reason)")
+        actor = actor or default_actor()
+        secret = keyfmt.new_secret()
+        now = utcnow()
+        with Session(self.engine) as s:
+            u = self._user(s, user, team)
+            for _ in range(5):
+                key_id = keyfmt.new_key_id()
+                if s.get(ApiKey, key_id) is None:
+                    break
+            row = ApiKey(
+                key_id=key_id, user_id=u.id, state="active", secret_hash=keyfmt.hash_secret(secret),  # type: ignore[arg-type]
+                created_at=now, updated_at=now, expires_at=expires_at, allowed_models=json.dumps(list(models)),
+                rpm=rpm, byok=byok, capture_content=capture_content, capture_reason=capture_reason,
+            )
+            s.add(row)
+            self._bump(s)
+            after = {"user": user, "team": team, "models": list(models), "expires_at": expires_at, "rpm": rpm, "byok": byok}
+            self._event(s, actor, "key.create", key_id, None, after)
+            if capture_content:
+                self._event(s, actor, "content_capture.on", key_id, {"capture_content": False},
+                            {"capture_content": True, "reason": capture_reason})
+            s.commit()
+        return key_id, keyfmt.format_key(key_id, secret)
+
+    def _listing(self, k: ApiKey, u: User, t: Team | None) -> KeyListing:
+        return KeyListing(
+            key_id=k.key_id, user=u.name, team=t.name if t else None, state=self._effective_state(k),
+            created_at=k.created_at, last_used_at=k.last_used_at, expires_at=k.expires_at,
+            models=tuple(json.loads(k.allowed_models or "[]")), rpm=k.rpm, byok=k.byok,
+            capture_content=k.capture_content, capture_reason=k.capture_reason,
+        )
+
+    @staticmethod
+    def _effective_state(k: ApiKey) -> str:
+        if k.state == "active" and k.expires_at is not None and k.expires_at <= utcnow():
+            return "expired"
+        return k.state
+
+    def _joined(self, s: Session) -> Any:
+        return (
+            select(ApiKey, User, Team)
+            .join(User, ApiKey.user_id == User.id)  # type: ignore[arg-type]
+            .join(Team, User.team_id == Team.id, isouter=True)  # type: ignore[arg-type]
+        )
+
+    def list_keys(self) -> list[KeyListing]:
+        with Session(self.engine) as s:
+            rows = s.exec(self._joined(s).order_by(ApiKey.created_at)).all()
+            return [self._listing(k, u, t) for k, u, t in rows]
+
+    def revoke(self, key_id_or_user: str, actor: str | None = None) -> list[str]:
+        """Revoke one key, or every active key of a user. Returns the revoked key ids."""
+        actor = actor or default_actor()
+        now = utcnow()
+        with Session(self.engine) as s:
+            k = s.get(ApiKey, key_id_or_user)
+            if k is not None:
+                targets = [k]
+            else:
+                u = s.exec(select(User).where(User.name == key_id_or_user)).first()
+                if u is None:
+                    raise NotFound(f"no key id or user named {key_id_or_user!r}; see `spendgate keys list`")
+                targets = list(s.exec(select(ApiKey).where(ApiKey.user_id == u.id)).all())
+            done = []
+            for k in targets:
+                if k.state == "revoked":
+                    continue
+                before = k.state
+                k.state, k.revoked_at, k.updated_at = "revoked", now, now
+                k.prev_secret_hash, k.prev_valid_until = None, None
+                s.add(k)
+                self._event(s, actor, "key.revoke", k.key_id, {"state": before}, {"state": "revoked"})
+                done.append(k.key_id)
+            if done:
+                self._bump(s)
+            s.commit()
+            return done
+
+    def rotate(self, key_id: str, grace: timedelta, actor: str | None = None) -> str:
+        """New secret for a key; the old secret keeps working for `grace`."""
+        actor = actor or default_actor()
+        now = utcnow()
+        secret = keyfmt.new_secret()
+        with Session(self.engine) as s:
+            k = s.get(ApiKey, key_id)
+            if k is None:
+                raise NotFound(f"no key with id {key_id!r}; see `spendgate keys list`")
+            if k.state != "active":
+                raise StoreError(f"key {key_id} is {k.state}; only active keys can be rotated")
+            if grace > timedelta(0):
+                k.prev_secret_hash, k.prev_valid_until = k.secret_hash, now + grace
+            else:
+                k.prev_secret_hash, k.prev_valid_until = None, None
+            k.secret_hash, k.updated_at = keyfmt.hash_secret(secret), now
+            s.add(k)
+            self._bump(s)
+            self._event(s, actor, "key.rotate", key_id, None, {"grace_seconds": int(grace.total_seconds()), "old_valid_until": k.prev_valid_until})
+            s.commit()
+        return keyfmt.format_key(key_id, secret)
+
+    # -- what the gateway reads -----------------------------------------------
+
+    def registry_version(self) -> int:
+        with self.engine.connect() as conn:
+            v = conn.execute(sa.text("SELECT version FROM registry_version WHERE id = 1")).scalar()
+            return int(v or 0)
+
+    def _record(self, k: ApiKey, u: User, t: Team | None) -> KeyRecord:
+        return KeyRecord(
+            key_id=k.key_id, user=u.name, team=t.name if t else None, state=k.state,
+            secret_hash=k.secret_hash, prev_secret_hash=k.prev_secret_hash, prev_valid_until=k.prev_valid_until,
+            expires_at=k.expires_at, allowed_models=tuple(json.loads(k.allowed_models or "[]")), rpm=k.rpm,
+            byok=k.byok, capture_content=k.capture_content, capture_reason=k.capture_reason,
+        )
+
+    def load_keys(self) -> tuple[int, list[KeyRecord]]:
+        """(registry version, every key) read in one transaction so the pair is consistent."""
+        with Session(self.engine) as s:
+            v = s.exec(select(RegistryVersion.version).where(RegistryVersion.id == 1)).first() or 0
+            rows = s.exec(self._joined(s)).all()
+            return int(v), [self._record(k, u, t) for k, u, t in rows]
+
+    def load_key(self, key_id: str) -> KeyRecord | None:
+        with Session(self.engine) as s:
+            row = s.exec(self._joined(s).where(ApiKey.key_id == key_id)).first()
+            return None if row is None else self._record(*row)
+
+    def touch_last_used(self, used: dict[str, datetime]) -> None:
+        if not used:
+            return
+        with Session(self.engine) as s:
+            for key_id, at in used.items():
+                s.execute(
+                    sa.update(ApiKey)
+                    .where(ApiKey.key_id == key_id)  # type: ignore[arg-type]
+                    .where(sa.or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < at))  # type: ignore[union-attr,operator]
+                    .values(last_used_at=at)
+                )
+            s.commit()
+
+    # -- audit log ------------------------------------------------------------
+
+    def write_audit_batch(
+        self,
+        inserts: Sequence[dict[str, Any]],
+        updates: Sequence[dict[str, Any]],
+        contents: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """One transaction for a whole batch (group commit). Updates name their row by `id`."""
+        table = AuditRecord.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            if inserts:
+                conn.execute(sa.insert(table), [_audit_defaults(r) for r in inserts])
+            by_cols: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for u in updates:
+                by_cols.setdefault(tuple(sorted(u)), []).append(u)
+            for cols, rows in by_cols.items():
+                stmt = (
+                    sa.update(table)
+                    .where(table.c.id == sa.bindparam("b_id"))
+                    .values({c: sa.bindparam("b_" + c) for c in cols if c != "id"})
+                )
+                conn.execute(stmt, [{"b_" + k: v for k, v in r.items()} for r in rows])
+            if contents:
+                conn.execute(sa.insert(CapturedContent.__table__), list(contents))  # type: ignore[attr-defined]
+
+    def mark_stale_incomplete(self, older_than: datetime) -> int:
+        """Rows a dead gateway left open: say so, so nobody mistakes them for in-flight requests."""
+        table = AuditRecord.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            r = conn.execute(
+                sa.update(table)
+                .where(table.c.outcome == "incomplete", table.c.ended_at.is_(None), table.c.started_at < older_than,
+                       table.c.error.is_(None))
+                .values(error="gateway stopped before the request ended")
+            )
+            return int(r.rowcount or 0)
+
+    def mark_instance_incomplete(self, instance_id: str) -> int:
+        table = AuditRecord.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            r = conn.execute(
+                sa.update(table)
+                .where(table.c.outcome == "incomplete", table.c.instance_id == instance_id, table.c.ended_at.is_(None))
+                .values(error="gateway stopped before the request ended")
+            )
+            return int(r.rowcount or 0)
+
+    def purge_content(self, older_than: datetime) -> int:
+        t = CapturedContent.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            r = conn.execute(sa.delete(t).where(t.c.captured_at < older_than))
+            return int(r.rowcount or 0)
+
+    def audit_rows(
+        self,
+        *,
+        user: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        outcome: str | None = None,
+        limit: int | None = 100,
+    ) -> list[AuditRecord]:
+        with Session(self.engine) as s:
+            q = select(AuditRecord)
+            if user:
+                q = q.where(AuditRecord.user == user)
+            if since:
+                q = q.where(AuditRecord.started_at >= since)
+            if until:
+                q = q.where(AuditRecord.started_at < until)
+            if outcome:
+                q = q.where(AuditRecord.outcome == outcome)
+            q = q.order_by(AuditRecord.started_at.desc(), AuditRecord.id)  # type: ignore[attr-defined]
+            if limit:
+                q = q.limit(limit)
+            return list(s.exec(q).all())
+
+    def captured_content(self, request_id: str) -> CapturedContent | None:
+        with Session(self.engine) as s:
+            return s.get(CapturedContent, request_id)
+
+    # -- admin events ---------------------------------------------------------
+
+    def record_admin_event(self, actor: str, action: str, target: str, before: Any, after: Any) -> None:
+        with Session(self.engine) as s:
+            self._event(s, actor, action, target, before, after)
+            s.commit()
+
+    def admin_events(self, since: datetime | None = None, until: datetime | None = None, limit: int = 100) -> list[AdminEvent]:
+        with Session(self.engine) as s:
+            q = select(AdminEvent)
+            if since is not None:
+                q = q.where(AdminEvent.at >= since)
+            if until is not None:
+                q = q.where(AdminEvent.at < until)
+            return list(s.exec(q.order_by(AdminEvent.id.desc()).limit(limit)).all())  # type: ignore[union-attr]
+
+
+_AUDIT_DEFAULTS: dict[str, Any] = {
+    "ended_at": None, "user": None, "team": None, "key_id": None, "model_requested": None, "model_reported": None,
+    "stream": False, "status_code": None, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
+    "cache_write_tokens": 0, "reasoning_tokens": 0, "usage_source": None, "cost_nusd": None, "latency_ms": None,
+    "ttft_ms": None, "request_bytes": 0, "response_bytes": 0, "client_addr": None, "user_agent": None,
+    "upstream_request_id": None, "error": None, "content_captured": False, "instance_id": None,
+}
+
+
+def _audit_defaults(row: dict[str, Any]) -> dict[str, Any]:
+    # executemany needs every row to carry the same keys
+    return {**_AUDIT_DEFAULTS, **row}
+
+
+def iter_chunks(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
+    buf: list[Any] = []
+    for it in items:
+        buf.append(it)
+        if len(buf) >= n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

@@ -1,0 +1,89 @@
+"""Load Spendgate into stock mitmproxy tools, for development and debugging:
+
+    mitmdump -s addons/spendgate_addon.py --set spendgate_config=spendgate.toml
+
+Production is `spendgate serve` (see spendgate/serve.py for why).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mitmproxy import ctx, exceptions  # noqa: E402
+
+from spendgate.runtime import Runtime  # noqa: E402
+from spendgate.settings import ConfigError, load_settings  # noqa: E402
+from spendgate.stages import build_stages  # noqa: E402
+
+
+class SpendgateScript:
+    """Builds the runtime once the `spendgate_config` option is known, then relays hooks to the stages."""
+
+    def __init__(self) -> None:
+        self.rt: Runtime | None = None
+        self.stages: list[Any] = []
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("spendgate_config", str, "", "Path of the Spendgate config file (TOML).")
+
+    def configure(self, updated: set[str]) -> None:
+        if "spendgate_config" not in updated and self.rt is not None:
+            return
+        try:
+            settings = load_settings(ctx.options.spendgate_config or None)
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.update(connection_strategy="lazy")
+        if any(p.upstream and not p.verify_upstream_tls for p in settings.providers) and not ctx.options.ssl_insecure:
+            # Scripts run before mitmproxy's TLS set-up, so per-upstream relaxing is not possible here.
+            ctx.options.update(ssl_insecure=True)
+        if self.rt is not None:
+            self.rt.stop()
+        self.rt = Runtime.build(settings)
+        self.rt.start()
+        self.stages = build_stages(self.rt)
+
+    def done(self) -> None:
+        if self.rt is not None:
+            self.rt.stop()
+
+    async def _relay(self, hook: str, *args: Any) -> None:
+        for stage in self.stages:
+            fn = getattr(stage, hook, None)
+            if fn is None:
+                continue
+            r = fn(*args)
+            if hasattr(r, "__await__"):
+                await r
+
+    async def tls_clienthello(self, data: Any) -> None:
+        await self._relay("tls_clienthello", data)
+
+    async def tls_start_server(self, data: Any) -> None:
+        await self._relay("tls_start_server", data)
+
+    async def http_connect(self, flow: Any) -> None:
+        await self._relay("http_connect", flow)
+
+    async def requestheaders(self, flow: Any) -> None:
+        await self._relay("requestheaders", flow)
+
+    async def request(self, flow: Any) -> None:
+        await self._relay("request", flow)
+
+    async def responseheaders(self, flow: Any) -> None:
+        await self._relay("responseheaders", flow)
+
+    async def response(self, flow: Any) -> None:
+        await self._relay("response", flow)
+
+    async def error(self, flow: Any) -> None:
+        await self._relay("error", flow)
+
+
+addons = [SpendgateScript()]
