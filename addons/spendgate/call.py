@@ -27,6 +27,7 @@ def new_request_id() -> str:
 class Call:
     request_id: str
     provider: ProviderSettings
+    host: str = ""  # as the client asked; the upstream override changes flow.request.host
     started_at: datetime = field(default_factory=utcnow)
     t0: float = field(default_factory=time.perf_counter)
     key: KeyRecord | None = None

@@ -7,8 +7,10 @@ import re
 import sys
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -263,8 +265,69 @@ def audit(
         rows = [ev.model_dump() for ev in store.admin_events(s, u, limit)]
         render(rows, ["id", "at", "actor", "action", "target", "before", "after"], fmt, title="Admin events")
         return
-    err.print("[red]the request audit log is not available in this build[/red]")
-    raise typer.Exit(1)
+    rows = []
+    for r in store.audit_rows(user=user, since=s, until=u, outcome=outcome, limit=limit):
+        d = r.model_dump()
+        d["cost_usd"] = usd(d.pop("cost_nusd"))
+        rows.append(d)
+    render(rows, AUDIT_COLUMNS if fmt is not Format.table else AUDIT_TABLE_COLUMNS, fmt, title="Requests")
+
+
+AUDIT_COLUMNS = [
+    "id", "started_at", "ended_at", "user", "team", "key_id", "provider", "host", "method", "path", "endpoint_kind",
+    "model_requested", "model_reported", "stream", "status_code", "outcome", "input_tokens", "output_tokens",
+    "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "usage_source", "cost_usd", "latency_ms",
+    "ttft_ms", "request_bytes", "response_bytes", "client_addr", "user_agent", "upstream_request_id", "error",
+    "content_captured",
+]
+AUDIT_TABLE_COLUMNS = ["started_at", "user", "provider", "model_requested", "outcome", "status_code", "input_tokens",
+                       "output_tokens", "usage_source", "cost_usd", "latency_ms", "id"]
+
+
+def usd(nano: Optional[int]) -> Optional[Decimal]:
+    """nano-USD integer -> Decimal USD, exact.
+
+    >>> usd(12500)
+    Decimal('0.0000125')
+    """
+    if nano is None:
+        return None
+    return (Decimal(nano) / Decimal(1_000_000_000)).normalize() if nano else Decimal(0)
+
+
+class GroupBy(str, Enum):
+    user = "user"
+    team = "team"
+    model = "model"
+    provider = "provider"
+    day = "day"
+
+
+@app.command()
+def usage(
+    by: Annotated[GroupBy, typer.Option("--by")] = GroupBy.user,
+    since: Annotated[Optional[str], typer.Option("--since")] = None,
+    until: Annotated[Optional[str], typer.Option("--until")] = None,
+    config: ConfigOpt = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Spend and tokens by user, team, model, provider or day (sums of the audit rows, exact)."""
+    store = _store(_settings(config))
+    rows = store.usage_report(by.value, parse_when(since) if since else None, parse_when(until) if until else None)
+    total: dict[str, Any] = {"key": "TOTAL"}
+    for r in rows:
+        r[by.value] = r.pop("key")
+        for k, v in r.items():
+            if k not in (by.value,) and isinstance(v, int):
+                total[k] = total.get(k, 0) + v
+    out = []
+    for r in rows + ([{**{k: v for k, v in total.items() if k != "key"}, by.value: "TOTAL"}] if rows and fmt is Format.table else []):
+        r = dict(r)
+        r["cost_usd"] = usd(r.pop("cost_nusd", 0))
+        out.append(r)
+    cols = [by.value, "requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+            "reasoning_tokens", "cost_usd", "unpriced"]
+    render(out, cols, fmt, title=f"Usage by {by.value}")
 
 
 def main() -> None:  # pragma: no cover

@@ -164,7 +164,7 @@ class Identity:
             if not flow.client_conn.tls_established and flow.client_conn not in self._conn_creds:
                 await self._gate_other_host(flow, request_cred)
             return
-        call = Call(request_id=new_request_id(), provider=provider)
+        call = Call(request_id=new_request_id(), provider=provider, host=flow.request.pretty_host)
         flow.metadata[META] = call
         call.extra["client_addr"] = flow.client_conn.peername[0] if flow.client_conn.peername else None
         call.extra["user_agent"] = flow.request.headers.get("user-agent")

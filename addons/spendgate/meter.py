@@ -13,6 +13,7 @@ from mitmproxy import http
 
 from spendgate.call import Call, get_call
 from spendgate.pricing import Pricer
+from spendgate.record_outcome import client_gone
 from spendgate.runtime import Runtime
 from spendgate.tokens import count_text, estimate_input_tokens
 from spendgate.usage import EndpointKind, Family, StreamTap, Usage, UsageSource, add_include_usage, usage_from_json
@@ -88,7 +89,9 @@ class Meter:
         estimated = False
         if call.endpoint_kind != EndpointKind.OTHER.value:
             needs_estimate = usage is None or (tap is not None and not tap.completed and usage.output_tokens == 0)
-            if needs_estimate and (flow.error is not None or (resp is not None and resp.status_code < 400)):
+            # Estimate only what the provider will bill: it answered, or the client left while it worked.
+            reached = resp is not None or (flow.error is not None and client_gone(flow))
+            if needs_estimate and reached and (resp is None or resp.status_code < 400):
                 usage = await self._estimate(call, usage, tap)
                 estimated = True
         if usage is not None:

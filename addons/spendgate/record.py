@@ -13,6 +13,7 @@ from mitmproxy import http
 from spendgate.auditlog import AuditUnavailable, AuditWriter
 from spendgate.call import Call, get_call, refuse
 from spendgate.meter import body_text, nano_usd
+from spendgate.record_outcome import classify_error
 from spendgate.models import utcnow
 from spendgate.runtime import Runtime
 from spendgate.usage import Usage
@@ -20,18 +21,6 @@ from spendgate.usage import Usage
 log = logging.getLogger("spendgate.record")
 
 INSTANCE_ID = uuid.uuid4().hex[:12]
-
-
-def classify_error(flow: http.HTTPFlow) -> tuple[str, int | None]:
-    """(outcome, status) for a flow that ended in an error."""
-    msg = (flow.error.msg if flow.error else "").lower()
-    if "client disconnected" in msg or "client closed" in msg or ("killed" in msg and flow.response is not None):
-        return "client_aborted", flow.response.status_code if flow.response else None
-    if flow.response is not None:
-        return "upstream_error", flow.response.status_code
-    if "timed out" in msg or "timeout" in msg:
-        return "upstream_error", 504
-    return "upstream_error", 502
 
 
 class Record:
@@ -55,7 +44,7 @@ class Record:
             "team": key.team if key else None,
             "key_id": key.key_id if key else None,
             "provider": call.provider.name,
-            "host": flow.request.pretty_host,
+            "host": call.host,
             "method": flow.request.method,
             "path": flow.request.path.split("?", 1)[0][:2000],
             "endpoint_kind": call.endpoint_kind,

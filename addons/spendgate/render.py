@@ -48,7 +48,7 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: Format, 
         w = csv.writer(sys.stdout)
         w.writerow(columns)
         for r in rows:
-            w.writerow([_cell(r.get(c)) for c in columns])
+            w.writerow(["" if r.get(c) is None else _plain(r.get(c)) for c in columns])
     else:
         t = Table(title=title)
         for c in columns:

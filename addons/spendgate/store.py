@@ -9,7 +9,7 @@ import getpass
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -383,6 +383,38 @@ class Store:
             if limit:
                 q = q.limit(limit)
             return list(s.exec(q).all())
+
+    def usage_report(
+        self, by: str, since: datetime | None = None, until: datetime | None = None
+    ) -> list[dict[str, Any]]:
+        """Spend and tokens grouped by user, team, model, provider or day. Money in nano-USD (exact sums)."""
+        t = AuditRecord.__table__  # type: ignore[attr-defined]
+        if by == "day":
+            key: Any = sa.func.date(t.c.started_at) if self.is_sqlite else sa.cast(t.c.started_at, sa.Date)
+        elif by == "model":
+            key = sa.func.coalesce(t.c.model_reported, t.c.model_requested)
+        elif by in ("user", "team", "provider"):
+            key = t.c[by]
+        else:
+            raise StoreError(f"cannot group by {by!r}; use user, team, model, provider or day")
+        q = sa.select(
+            key.label("key"),
+            sa.func.count().label("requests"),
+            sa.func.coalesce(sa.func.sum(t.c.input_tokens), 0).label("input_tokens"),
+            sa.func.coalesce(sa.func.sum(t.c.output_tokens), 0).label("output_tokens"),
+            sa.func.coalesce(sa.func.sum(t.c.cache_read_tokens), 0).label("cache_read_tokens"),
+            sa.func.coalesce(sa.func.sum(t.c.cache_write_tokens), 0).label("cache_write_tokens"),
+            sa.func.coalesce(sa.func.sum(t.c.reasoning_tokens), 0).label("reasoning_tokens"),
+            sa.func.coalesce(sa.func.sum(t.c.cost_nusd), 0).label("cost_nusd"),
+            sa.func.sum(sa.case((t.c.cost_nusd.is_(None) & (t.c.input_tokens + t.c.output_tokens > 0), 1), else_=0)).label("unpriced"),
+        )
+        if since:
+            q = q.where(t.c.started_at >= since.astimezone(timezone.utc).replace(tzinfo=None))
+        if until:
+            q = q.where(t.c.started_at < until.astimezone(timezone.utc).replace(tzinfo=None))
+        q = q.group_by(key).order_by(key)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
 
     def captured_content(self, request_id: str) -> CapturedContent | None:
         with Session(self.engine) as s:

@@ -1,0 +1,109 @@
+"""Shared fixtures: the TLS mock provider, real gateway processes, a throwaway PostgreSQL db."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # so `from tests.rig import …` works however pytest was started
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from tests.rig.gateway import GatewayProcess  # noqa: E402
+from tests.rig.mock_provider import MockProvider  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get("SPENDGATE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed:
+        for gw in getattr(item, "_spendgate_gateways", ()):
+            report.sections.append((f"spendgate log: {gw.name} ({gw.log_path})", gw.log_tail(200)))
+    return report
+
+
+@pytest.fixture(scope="session")
+def _mock_provider_session() -> Iterator[MockProvider]:
+    with MockProvider() as mock:
+        yield mock
+
+
+@pytest.fixture
+def mock_provider(_mock_provider_session: MockProvider) -> Iterator[MockProvider]:
+    """The session's mock provider, reset (no records, default scenario) for this test."""
+    _mock_provider_session.reset()
+    yield _mock_provider_session
+    _mock_provider_session.reset()
+
+
+@pytest.fixture
+def gateway_factory(
+    request: pytest.FixtureRequest, tmp_path: Path, mock_provider: MockProvider
+) -> Iterator[Callable[..., GatewayProcess]]:
+    """``gateway_factory(db_url=None, extra_config="", overrides=None, start=True, **kw)``.
+
+    Every gateway sends all providers to ``mock_provider``; all are stopped at teardown, and
+    their logs are attached to the report of a failing test.
+    """
+    made: list[GatewayProcess] = []
+    request.node._spendgate_gateways = made
+
+    def make(
+        db_url: str | None = None,
+        extra_config: str = "",
+        overrides: dict[str, Any] | None = None,
+        start: bool = True,
+        **kw: Any,
+    ) -> GatewayProcess:
+        name = kw.pop("name", f"gw{len(made) + 1}")
+        gw = GatewayProcess(
+            tmp_path / name, mock_provider.url, db_url=db_url, extra_config=extra_config,
+            overrides=overrides, name=name, **kw,
+        )
+        made.append(gw)
+        if start:
+            gw.start()
+        return gw
+
+    yield make
+    for gw in made:
+        try:
+            gw.stop()
+        except Exception:  # noqa: BLE001 - one bad gateway must not keep the others running
+            gw.kill()
+
+
+@pytest.fixture
+def gateway(gateway_factory: Callable[..., GatewayProcess]) -> GatewayProcess:
+    """One started gateway on a fresh SQLite database."""
+    return gateway_factory()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (dropped afterwards) as a SQLAlchemy URL."""
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("psycopg not installed")
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except Exception:  # noqa: BLE001
+        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
+    name = f"spendgate_test_{uuid.uuid4().hex[:12]}"
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{base}/{name}"
+        finally:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
