@@ -25,7 +25,7 @@ RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
 
 @dataclass
 class _Item:
-    kind: str  # insert | update | content
+    kind: str  # insert | update | content | settle
     row: dict[str, Any]
     done: asyncio.Future[None] | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -84,6 +84,10 @@ class AuditWriter:
 
     def content(self, row: dict[str, Any]) -> None:
         self._put(_Item("content", row))
+
+    def settle(self, row: dict[str, Any]) -> None:
+        """{"request_id", "refs", "actual_nusd"}: committed with the audit completion it follows."""
+        self._put(_Item("settle", row))
 
     def _put(self, item: _Item) -> None:
         with self._lock:
@@ -145,8 +149,9 @@ class AuditWriter:
         inserts = [i.row for i in batch if i.kind == "insert"]
         updates = [i.row for i in batch if i.kind == "update"]
         contents = [i.row for i in batch if i.kind == "content"]
+        settles = [i.row for i in batch if i.kind == "settle"]
         try:
-            self._store.write_audit_batch(inserts, updates, contents)
+            self._store.write_audit_batch(inserts, updates, contents, settles)
         except Exception as e:
             self.stats.write_errors += 1
             self.stats.last_error = type(e).__name__

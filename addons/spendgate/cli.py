@@ -133,12 +133,73 @@ def keys_create(
         print(line)
 
 
+def parse_usd(text: str) -> int:
+    """USD text -> nano-USD, exactly."""
+    try:
+        d = Decimal(text)
+    except Exception:
+        raise typer.BadParameter(f"{text!r} is not an amount in USD, e.g. 50 or 12.50") from None
+    if not d.is_finite() or d < 0:
+        raise typer.BadParameter(f"{text!r} must be a non-negative amount in USD")
+    return int((d * 1_000_000_000).to_integral_value())
+
+
 def _set_budget(store, scope: str, name: str, cap: str, period: str, actor: Optional[str]) -> None:  # type: ignore[no-untyped-def]
-    set_budget = getattr(store, "set_budget", None)
-    if set_budget is None:
-        err.print("[yellow]budgets are not available in this build; --cap ignored[/yellow]")
-        return
-    set_budget(scope, name, cap, period, actor=actor)
+    from spendgate.store import StoreError
+
+    try:
+        store.set_budget(scope, name, parse_usd(cap), period, actor=actor)
+    except StoreError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+
+
+budgets_app = typer.Typer(no_args_is_help=True, help="Spend caps for users, teams and the whole org.")
+app.add_typer(budgets_app, name="budgets")
+
+
+class Scope(str, Enum):
+    user = "user"
+    team = "team"
+    global_ = "global"
+
+
+class Period(str, Enum):
+    day = "day"
+    week = "week"
+    month = "month"
+
+
+@budgets_app.command("set")
+def budgets_set(
+    scope: Scope,
+    name: Annotated[str, typer.Argument(help="User or team name; `global` for the org-wide cap.")],
+    cap: Annotated[str, typer.Option("--cap", help="Cap in USD.")],
+    period: Annotated[Period, typer.Option("--period")],
+    config: ConfigOpt = None,
+    actor: ActorOpt = None,
+) -> None:
+    """Set (or change) a cap; takes effect on every gateway within a second."""
+    store = _store(_settings(config))
+    _set_budget(store, scope.value, "global" if scope is Scope.global_ else name, cap, period.value, actor)
+    print(f"cap for {scope.value} {name}: ${cap} per {period.value}")
+
+
+@budgets_app.command("list")
+def budgets_list(config: ConfigOpt = None, fmt: FormatOpt = Format.table) -> None:
+    """Each cap with spent (settled), reserved (in flight), cap and when it resets."""
+    store = _store(_settings(config))
+    rows = []
+    for b in store.budget_status():
+        cap = b["cap_nusd"]
+        spent = b["spent_nusd"]
+        rows.append({
+            "scope": b["scope"], "name": b["name"], "period": b["period"], "spent_usd": usd(spent),
+            "reserved_usd": usd(b["reserved_nusd"]), "cap_usd": usd(cap),
+            "percent": round(100 * spent / cap, 1) if cap else None, "resets_at": b["resets_at"],
+        })
+    render(rows, ["scope", "name", "period", "spent_usd", "reserved_usd", "cap_usd", "percent", "resets_at"], fmt,
+           title="Budgets")
 
 
 @keys_app.command("list")
@@ -207,6 +268,19 @@ def ca(config: ConfigOpt = None, pem: Annotated[bool, typer.Option("--pem", help
 
     path = ensure_ca(_settings(config))
     print(path.read_text() if pem else path, end="" if pem else "\n")
+
+
+@app.command()
+def purge(
+    now: Annotated[Optional[str], typer.Option("--now", help="Pretend it is this time (ISO), for checks.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Delete captured content older than audit.content_retention_days (serve also does this hourly)."""
+    settings = _settings(config)
+    store = _store(settings)
+    at = parse_when(now) if now else datetime.now(timezone.utc)
+    n = store.purge_content(at - timedelta(days=settings.content_retention_days))
+    print(f"purged captured content of {n} requests")
 
 
 # -- db -----------------------------------------------------------------------

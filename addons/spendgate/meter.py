@@ -13,7 +13,7 @@ from mitmproxy import http
 
 from spendgate.call import Call, get_call
 from spendgate.pricing import Pricer
-from spendgate.record_outcome import client_gone
+from spendgate.outcome import client_gone
 from spendgate.runtime import Runtime
 from spendgate.tokens import count_text, estimate_input_tokens
 from spendgate.usage import EndpointKind, Family, StreamTap, Usage, UsageSource, add_include_usage, usage_from_json

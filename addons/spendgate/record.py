@@ -13,7 +13,7 @@ from mitmproxy import http
 from spendgate.auditlog import AuditUnavailable, AuditWriter
 from spendgate.call import Call, get_call, refuse
 from spendgate.meter import body_text, nano_usd
-from spendgate.record_outcome import classify_error
+from spendgate.outcome import classify_error
 from spendgate.models import utcnow
 from spendgate.runtime import Runtime
 from spendgate.usage import Usage
@@ -114,6 +114,12 @@ class Record:
                 model_reported=usage.model_reported, upstream_request_id=usage.upstream_request_id,
                 cost_nusd=nano_usd(call.extra.get("cost")),
             )
+        refs = call.extra.get("reservation")
+        if refs is not None:
+            # Settle in the same transaction as the completion; a request that never reached the
+            # provider costs nothing (cost None with tokens: unknown price, counted as 0 against caps).
+            self.writer.settle({"request_id": call.request_id, "refs": refs,
+                                "actual_nusd": fields.get("cost_nusd") or 0})
         if call.extra.get("begun"):
             self.writer.update({"id": call.request_id, **fields})
         else:

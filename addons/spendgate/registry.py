@@ -16,7 +16,7 @@ from typing import Callable
 
 from spendgate.keys import KeyRecord
 from spendgate.models import utcnow
-from spendgate.store import Store
+from spendgate.store import BudgetDef, Store
 
 log = logging.getLogger("spendgate.registry")
 
@@ -27,6 +27,7 @@ class KeyRegistry:
         self._poll = poll_interval
         self._clock = clock
         self._keys: dict[str, KeyRecord] = {}
+        self._budgets: dict[tuple[str, str], BudgetDef] = {}
         self._version = -1
         self._used: dict[str, datetime] = {}
         self._used_lock = threading.Lock()
@@ -52,7 +53,9 @@ class KeyRegistry:
         if v == self._version:
             return False
         version, records = self._store.load_keys()
+        budgets = self._store.load_budgets()
         self._keys = {r.key_id: r for r in records}  # one assignment: readers see old or new, never half
+        self._budgets = {(b.scope, b.name): b for b in budgets}
         self._version = version
         return True
 
@@ -70,15 +73,23 @@ class KeyRegistry:
             if time.monotonic() - self._last_flush > 5:
                 self._flush_used()
 
+    def budgets_for(self, user: str, team: str | None) -> list[BudgetDef]:
+        """The caps that apply to a request: the user's, the team's, and the global one."""
+        b = self._budgets
+        found = [b.get(("user", user)), b.get(("team", team)) if team else None, b.get(("global", "global"))]
+        return [x for x in found if x is not None]
+
+    @property
+    def budgets(self) -> list[BudgetDef]:
+        return list(self._budgets.values())
+
     def get(self, key_id: str) -> KeyRecord | None:
         return self._keys.get(key_id)
 
     def load_one(self, key_id: str) -> KeyRecord | None:
         """Cache miss path (a key minted since the last poll). Blocking: call from a thread."""
-        rec = self._store.load_key(key_id)
-        if rec is not None:
-            self._keys = {**self._keys, key_id: rec}
-        return rec
+        self.refresh()  # keys and budgets together, so a new key's cap is known with it
+        return self._keys.get(key_id)
 
     def mark_used(self, key_id: str) -> None:
         with self._used_lock:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -26,6 +28,7 @@ class Runtime:
     writer: AuditWriter
     pricer: Pricer
     _insecure_upstreams: set[tuple[str, int]] = field(default_factory=set)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def build(cls, settings: Settings) -> "Runtime":
@@ -55,8 +58,30 @@ class Runtime:
             log.warning("%d audit rows left open by a stopped gateway are marked incomplete", stale)
         self.registry.start()
         self.writer.start()
+        self._maintenance = threading.Thread(target=self._maintain, name="spendgate-maintenance", daemon=True)
+        self._maintenance.start()
+
+    def _maintain(self) -> None:
+        """Every 15 s: release reservations of dead instances. Hourly: purge content past retention."""
+        last_purge = 0.0
+        while True:
+            try:
+                n = self.store.release_expired(utcnow())
+                if n:
+                    log.warning("released %d expired budget reservations (a gateway stopped mid-request)", n)
+                if time.monotonic() - last_purge > 3600 or not last_purge:
+                    last_purge = time.monotonic()
+                    n = self.store.purge_content(utcnow() - timedelta(days=self.settings.content_retention_days))
+                    if n:
+                        log.info("purged captured content of %d requests older than %d days", n,
+                                 self.settings.content_retention_days)
+            except Exception as e:
+                log.warning("maintenance failed: %s", type(e).__name__)
+            if self._stopping.wait(15):
+                return
 
     def stop(self) -> None:
+        self._stopping.set()
         self.writer.stop()
         self.registry.stop()
         self.store.close()

@@ -9,6 +9,7 @@ import getpass
 import json
 import os
 from dataclasses import dataclass
+from decimal import Decimal
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,7 +25,20 @@ from sqlmodel import Session, select
 
 from spendgate import keys as keyfmt
 from spendgate.keys import KeyRecord
-from spendgate.models import AdminEvent, ApiKey, AuditRecord, CapturedContent, RegistryVersion, Team, User, utcnow
+from spendgate.models import (
+    AdminEvent,
+    ApiKey,
+    AuditRecord,
+    Budget,
+    BudgetSpend,
+    CapturedContent,
+    RegistryVersion,
+    Reservation,
+    Team,
+    User,
+    utcnow,
+)
+from spendgate.periods import PERIODS, period_end, period_start
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -62,6 +76,50 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
+
+
+@dataclass(frozen=True)
+class BudgetDef:
+    id: int
+    scope: str  # user | team | global
+    name: str
+    period: str
+    cap_nusd: int
+
+
+@dataclass(frozen=True)
+class BudgetRef:
+    """One budget a reservation was held against, in the period it was held in."""
+
+    budget_id: int
+    period_start: datetime
+
+
+@dataclass(frozen=True)
+class Blocked:
+    scope: str
+    name: str
+    period: str
+    spent_nusd: int
+    reserved_nusd: int
+    cap_nusd: int
+    resets_at: datetime
+
+
+@dataclass(frozen=True)
+class ReserveResult:
+    refs: tuple[BudgetRef, ...]
+    remaining_nusd: int | None  # the tightest cap's headroom after this reservation
+    blocked: Blocked | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.blocked is None
+
+
+class _Refused(Exception):
+    def __init__(self, blocked: Blocked) -> None:
+        self.blocked = blocked
 
 
 @dataclass(frozen=True)
@@ -313,8 +371,12 @@ class Store:
         inserts: Sequence[dict[str, Any]],
         updates: Sequence[dict[str, Any]],
         contents: Sequence[dict[str, Any]] = (),
+        settles: Sequence[dict[str, Any]] = (),
     ) -> None:
-        """One transaction for a whole batch (group commit). Updates name their row by `id`."""
+        """One transaction for a whole batch (group commit). Updates name their row by `id`.
+
+        Budget settlements ride in the same transaction as the audit completions they belong to.
+        """
         table = AuditRecord.__table__  # type: ignore[attr-defined]
         with self.engine.begin() as conn:
             if inserts:
@@ -331,6 +393,8 @@ class Store:
                 conn.execute(stmt, [{"b_" + k: v for k, v in r.items()} for r in rows])
             if contents:
                 conn.execute(sa.insert(CapturedContent.__table__), list(contents))  # type: ignore[attr-defined]
+            if settles:
+                self._settle(conn, settles)
 
     def mark_stale_incomplete(self, older_than: datetime) -> int:
         """Rows a dead gateway left open: say so, so nobody mistakes them for in-flight requests."""
@@ -409,9 +473,9 @@ class Store:
             sa.func.sum(sa.case((t.c.cost_nusd.is_(None) & (t.c.input_tokens + t.c.output_tokens > 0), 1), else_=0)).label("unpriced"),
         )
         if since:
-            q = q.where(t.c.started_at >= since.astimezone(timezone.utc).replace(tzinfo=None))
+            q = q.where(t.c.started_at >= since.astimezone(timezone.utc))
         if until:
-            q = q.where(t.c.started_at < until.astimezone(timezone.utc).replace(tzinfo=None))
+            q = q.where(t.c.started_at < until.astimezone(timezone.utc))
         q = q.group_by(key).order_by(key)
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
@@ -419,6 +483,144 @@ class Store:
     def captured_content(self, request_id: str) -> CapturedContent | None:
         with Session(self.engine) as s:
             return s.get(CapturedContent, request_id)
+
+    # -- budgets --------------------------------------------------------------
+
+    def set_budget(self, scope: str, name: str, cap_nusd: int, period: str, actor: str | None = None) -> None:
+        if scope not in ("user", "team", "global"):
+            raise StoreError(f"scope must be user, team or global (got {scope!r})")
+        if period not in PERIODS:
+            raise StoreError(f"period must be day, week or month (got {period!r})")
+        if cap_nusd < 0:
+            raise StoreError("a cap cannot be negative")
+        actor = actor or default_actor()
+        now = utcnow()
+        with Session(self.engine) as s:
+            b = s.exec(select(Budget).where(Budget.scope == scope, Budget.name == name)).first()
+            before = None if b is None else {"cap_usd": _usd(b.cap_nusd), "period": b.period}
+            if b is None:
+                b = Budget(scope=scope, name=name, period=period, cap_nusd=cap_nusd, created_at=now, updated_at=now)
+            else:
+                b.period, b.cap_nusd, b.updated_at = period, cap_nusd, now
+            s.add(b)
+            self._bump(s)
+            self._event(s, actor, "budget.set", f"{scope}:{name}", before, {"cap_usd": _usd(cap_nusd), "period": period})
+            s.commit()
+
+    def load_budgets(self) -> list[BudgetDef]:
+        with Session(self.engine) as s:
+            return [BudgetDef(b.id, b.scope, b.name, b.period, b.cap_nusd) for b in s.exec(select(Budget)).all()]  # type: ignore[arg-type]
+
+    def budget_status(self, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Every budget with its current period's spend, reservations and reset time."""
+        now = now or utcnow()
+        out = []
+        with Session(self.engine) as s:
+            for b in s.exec(select(Budget).order_by(Budget.scope, Budget.name)).all():
+                start = period_start(b.period, now)
+                row = s.get(BudgetSpend, (b.id, start))
+                out.append({
+                    "scope": b.scope, "name": b.name, "period": b.period, "cap_nusd": b.cap_nusd,
+                    "spent_nusd": row.spent_nusd if row else 0, "reserved_nusd": row.reserved_nusd if row else 0,
+                    "period_start": start, "resets_at": period_end(b.period, now),
+                })
+        return out
+
+    def reserve(
+        self, request_id: str, budgets: Sequence[BudgetDef], amount_nusd: int, now: datetime, ttl: timedelta
+    ) -> ReserveResult:
+        """Hold `amount_nusd` against every budget, all or none, in one transaction.
+
+        Each hold is one conditional UPDATE (spent + reserved + amount <= cap), so concurrent
+        requests on any number of gateway instances can never jointly pass a cap.
+        """
+        sp = BudgetSpend.__table__  # type: ignore[attr-defined]
+        bt = Budget.__table__  # type: ignore[attr-defined]
+        rt = Reservation.__table__  # type: ignore[attr-defined]
+        refs: list[BudgetRef] = []
+        remaining: int | None = None
+        try:
+            with self.engine.begin() as conn:
+                for b in budgets:
+                    start = period_start(b.period, now)
+                    self._ensure_spend_row(conn, b.id, start)
+                    cap = sa.select(bt.c.cap_nusd).where(bt.c.id == b.id).scalar_subquery()
+                    held = sp.c.spent_nusd + sp.c.reserved_nusd
+                    r = conn.execute(
+                        sa.update(sp)
+                        .where(sp.c.budget_id == b.id, sp.c.period_start == start,
+                               held + amount_nusd <= cap, held < cap)
+                        .values(reserved_nusd=sp.c.reserved_nusd + amount_nusd)
+                    )
+                    row = conn.execute(
+                        sa.select(sp.c.spent_nusd, sp.c.reserved_nusd, cap.label("cap"))
+                        .where(sp.c.budget_id == b.id, sp.c.period_start == start)
+                    ).one()
+                    if r.rowcount != 1:
+                        raise _Refused(Blocked(b.scope, b.name, b.period, int(row.spent_nusd), int(row.reserved_nusd),
+                                               int(row.cap), period_end(b.period, now)))
+                    left = int(row.cap) - int(row.spent_nusd) - int(row.reserved_nusd)
+                    remaining = left if remaining is None else min(remaining, left)
+                    if amount_nusd:
+                        conn.execute(sa.insert(rt).values(
+                            request_id=request_id, budget_id=b.id, period_start=start,
+                            amount_nusd=amount_nusd, expires_at=(now + ttl)))
+                    refs.append(BudgetRef(b.id, start))
+        except _Refused as e:
+            return ReserveResult((), None, e.blocked)
+        return ReserveResult(tuple(refs), remaining)
+
+    def _ensure_spend_row(self, conn: Any, budget_id: int, start: datetime) -> None:
+        values = {"budget_id": budget_id, "period_start": start, "spent_nusd": 0, "reserved_nusd": 0}
+        sp = BudgetSpend.__table__  # type: ignore[attr-defined]
+        if self.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            conn.execute(sqlite_insert(sp).values(values).on_conflict_do_nothing())
+        else:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            conn.execute(pg_insert(sp).values(values).on_conflict_do_nothing())
+
+    def _settle(self, conn: Any, settles: Sequence[dict[str, Any]]) -> None:
+        """Replace each request's reservations by its actual cost (0 when it failed)."""
+        sp = BudgetSpend.__table__  # type: ignore[attr-defined]
+        rt = Reservation.__table__  # type: ignore[attr-defined]
+        for st in settles:
+            held = {
+                r.budget_id: int(r.amount_nusd)
+                for r in conn.execute(sa.select(rt.c.budget_id, rt.c.amount_nusd).where(rt.c.request_id == st["request_id"]))
+            }
+            if held:
+                conn.execute(sa.delete(rt).where(rt.c.request_id == st["request_id"]))
+            for ref in st["refs"]:
+                self._ensure_spend_row(conn, ref.budget_id, ref.period_start)
+                conn.execute(
+                    sa.update(sp)
+                    .where(sp.c.budget_id == ref.budget_id, sp.c.period_start == ref.period_start)
+                    .values(reserved_nusd=sp.c.reserved_nusd - held.get(ref.budget_id, 0),
+                            spent_nusd=sp.c.spent_nusd + st["actual_nusd"])
+                )
+
+    def release_expired(self, now: datetime) -> int:
+        """Reservations whose instance died: give their headroom back. Safe to run on every instance."""
+        sp = BudgetSpend.__table__  # type: ignore[attr-defined]
+        rt = Reservation.__table__  # type: ignore[attr-defined]
+        n = 0
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(rt.c.request_id, rt.c.budget_id, rt.c.period_start, rt.c.amount_nusd)
+                .where(rt.c.expires_at < now).limit(1000)
+            ).all()
+            for r in rows:
+                d = conn.execute(sa.delete(rt).where(rt.c.request_id == r.request_id, rt.c.budget_id == r.budget_id))
+                if d.rowcount == 1:  # whoever deletes it releases it, exactly once
+                    conn.execute(
+                        sa.update(sp).where(sp.c.budget_id == r.budget_id, sp.c.period_start == r.period_start)
+                        .values(reserved_nusd=sp.c.reserved_nusd - r.amount_nusd)
+                    )
+                    n += 1
+        return n
 
     # -- admin events ---------------------------------------------------------
 
@@ -449,6 +651,10 @@ _AUDIT_DEFAULTS: dict[str, Any] = {
 def _audit_defaults(row: dict[str, Any]) -> dict[str, Any]:
     # executemany needs every row to carry the same keys
     return {**_AUDIT_DEFAULTS, **row}
+
+
+def _usd(nano: int) -> str:
+    return str((Decimal(nano) / Decimal(1_000_000_000)).normalize())
 
 
 def iter_chunks(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
