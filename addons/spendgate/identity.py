@@ -155,6 +155,13 @@ class Identity:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
+        t0 = time.perf_counter()
+        await self._identify(flow)
+        call = flow.metadata.get(META)
+        if isinstance(call, Call):
+            call.extra["t_pre"] = time.perf_counter() - t0
+
+    async def _identify(self, flow: http.HTTPFlow) -> None:
         provider = self.rt.provider_for_host(flow.request.pretty_host)
         request_cred = None
         if "proxy-authorization" in flow.request.headers:

@@ -66,12 +66,14 @@ class Meter:
         call = get_call(flow)
         if call is None or call.outcome is not None or flow.response is None:
             return
+        call.extra["t_resp0"] = time.perf_counter()
         await self._settle(flow, call)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)
         if call is None or call.outcome is not None:
             return
+        call.extra["t_resp0"] = time.perf_counter()
         await self._settle(flow, call)
 
     async def _settle(self, flow: http.HTTPFlow, call: Call) -> None:

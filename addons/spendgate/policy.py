@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import re
 from typing import Any
 
@@ -33,6 +34,7 @@ class Policy:
         call = get_call(flow)
         if call is None or flow.response is not None:
             return
+        call.extra["t_req0"] = time.perf_counter()
         content = flow.request.raw_content or b""
         call.request_bytes = len(content)
         if len(content) > self.rt.settings.proxy.max_request_bytes:

@@ -126,6 +126,9 @@ class Pricer:
         self._warn_once(provider, model, "no price known")
         return None
 
+    def knows(self, provider: str, model: str) -> bool:
+        return self._override(provider, model) is not None or self._lookup(provider, model) is not None
+
     def normalise_model(self, provider: str, model: str) -> str:
         """genai-prices' id for `model` (dated snapshots fold into their family), else `model`."""
         return self._lookup(provider, model) or model

@@ -80,6 +80,8 @@ class Record:
             call.extra["begin_failed"] = str(e)
             return
         call.extra["begun"] = True
+        if "t_req0" in call.extra:
+            call.extra["t_pre"] = call.extra.get("t_pre", 0.0) + time.perf_counter() - call.extra["t_req0"]
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -128,6 +130,7 @@ class Record:
             if call.extra.get("begin_failed"):
                 row["error"] = f"{row.get('error') or ''} (audit row written late: {call.extra['begin_failed']})".strip()
             self.writer.insert(row)
+        call.extra["final"] = fields
         capture = call.extra.get("capture")
         if call.extra.get("begun") and capture is not None:
             if call.extra.get("tap") is None and flow.response is not None:
@@ -138,6 +141,8 @@ class Record:
                 "request_body": body_text(flow.request.get_content(strict=False)),
                 "response_body": body_text(bytes(capture)),
             })
+        if "t_resp0" in call.extra:
+            call.extra["t_post"] = time.perf_counter() - call.extra["t_resp0"]
 
     @staticmethod
     def _outcome(flow: http.HTTPFlow, call: Call) -> tuple[str, int | None, str | None]:

@@ -8,6 +8,7 @@ from spendgate.budget import Budgets
 from spendgate.forward import Forward
 from spendgate.identity import Identity
 from spendgate.meter import Meter
+from spendgate.metrics import MetricsStage
 from spendgate.policy import Policy
 from spendgate.ratelimit import RateLimit
 from spendgate.record import Record
@@ -20,5 +21,5 @@ def build_stages(rt: Runtime) -> list[Any]:
     # is seen by the later ones (`flow.response` is set) and they step aside.
     return [
         TlsPolicy(rt), Identity(rt), RateLimit(), Policy(rt), Budgets(rt),
-        Meter(rt, rt.pricer), Forward(rt), Record(rt, rt.writer),
+        Meter(rt, rt.pricer), Forward(rt), Record(rt, rt.writer), MetricsStage(rt, rt.metrics, rt.model_labels),
     ]
