@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -69,9 +70,31 @@ class SlackSettings:
     bot_token: str | None = None
     channel: str | None = None
     thresholds: tuple[int, ...] = (50, 80, 100)
+    api_url: str = "https://slack.com/api/"  # Web API base for bot_token; tests point it at a local server
 
     def __repr__(self) -> str:
         return f"SlackSettings(configured={bool(self.webhook_url or self.bot_token)}, thresholds={self.thresholds})"
+
+
+@dataclass(frozen=True)
+class SpikeSettings:
+    """A user's spend or request rate over `window_seconds` far above their own recent baseline."""
+
+    window_seconds: int = 300
+    baseline_seconds: int = 3600
+    factor: float = 10.0
+    min_usd: Decimal = Decimal("1")
+    min_requests: int = 50
+
+
+@dataclass(frozen=True)
+class BackstopSettings:
+    """Provider-reported spend (organization cost APIs, needs admin keys) against budget and gateway totals."""
+
+    interval_seconds: int = 3600
+    budget_usd: Decimal | None = None
+    tolerance: float = 0.2  # alert when provider and gateway totals differ by more than this share
+    lookback_days: int = 1
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,8 @@ class Settings:
     reservation_ttl_seconds: int = 600
     providers: tuple[ProviderSettings, ...] = ()
     slack: SlackSettings = field(default_factory=SlackSettings)
+    spike: SpikeSettings = field(default_factory=SpikeSettings)
+    backstop: BackstopSettings = field(default_factory=BackstopSettings)
     price_overrides: Mapping[str, PriceOverride] = field(default_factory=dict)
 
     def provider(self, name: str) -> ProviderSettings | None:
@@ -145,7 +170,7 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], cfg_path: Pat
     alerts_raw = _table(raw, "alerts")
     _known(alerts_raw, "alerts.", {"slack", "spike", "backstop"})
     slack_raw = _table(alerts_raw, "slack", "alerts.")
-    _known(slack_raw, "alerts.slack.", {"webhook_url", "bot_token", "channel", "thresholds"})
+    _known(slack_raw, "alerts.slack.", {"webhook_url", "bot_token", "channel", "thresholds", "api_url"})
     thresholds = slack_raw.get("thresholds", [50, 80, 100])
     if not isinstance(thresholds, list) or not all(isinstance(t, int) and 0 < t <= 1000 for t in thresholds):
         raise ConfigError("alerts.slack.thresholds must be a list of whole percentages, e.g. [50, 80, 100]")
@@ -154,9 +179,31 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], cfg_path: Pat
         bot_token=_optional_secret(slack_raw.get("bot_token"), "alerts.slack.bot_token", env),
         channel=_optional_str(slack_raw.get("channel"), "alerts.slack.channel", env),
         thresholds=tuple(sorted(set(thresholds))),
+        api_url=_str(slack_raw.get("api_url", "https://slack.com/api/"), "alerts.slack.api_url", env),
+    )
+    spike_raw = _table(alerts_raw, "spike", "alerts.")
+    _known(spike_raw, "alerts.spike.", {"window_seconds", "baseline_seconds", "factor", "min_usd", "min_requests"})
+    spike = SpikeSettings(
+        window_seconds=_posint(spike_raw.get("window_seconds", 300), "alerts.spike.window_seconds"),
+        baseline_seconds=_posint(spike_raw.get("baseline_seconds", 3600), "alerts.spike.baseline_seconds"),
+        factor=_posfloat(spike_raw.get("factor", 10.0), "alerts.spike.factor"),
+        min_usd=_usd_amount(spike_raw.get("min_usd", 1), "alerts.spike.min_usd"),
+        min_requests=_posint(spike_raw.get("min_requests", 50), "alerts.spike.min_requests"),
+    )
+    if spike.baseline_seconds <= spike.window_seconds:
+        raise ConfigError("alerts.spike.baseline_seconds must be longer than alerts.spike.window_seconds")
+    bs_raw = _table(alerts_raw, "backstop", "alerts.")
+    _known(bs_raw, "alerts.backstop.", {"interval_seconds", "budget_usd", "tolerance", "lookback_days"})
+    backstop = BackstopSettings(
+        interval_seconds=_posint(bs_raw.get("interval_seconds", 3600), "alerts.backstop.interval_seconds"),
+        budget_usd=_usd_amount(bs_raw["budget_usd"], "alerts.backstop.budget_usd") if "budget_usd" in bs_raw else None,
+        tolerance=_posfloat(bs_raw.get("tolerance", 0.2), "alerts.backstop.tolerance"),
+        lookback_days=_posint(bs_raw.get("lookback_days", 1), "alerts.backstop.lookback_days"),
     )
     return Settings(
         config_path=cfg_path,
+        spike=spike,
+        backstop=backstop,
         proxy=proxy,
         database_url=db_url,
         metrics_listen=_hostport(metrics_raw.get("listen", "127.0.0.1:9464"), "metrics.listen"),
@@ -286,6 +333,24 @@ def _posint(v: Any, key: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ConfigError(f"{key} must be a positive whole number (got {v!r})")
     return v
+
+
+def _posfloat(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise ConfigError(f"{key} must be a positive number (got {v!r})")
+    return float(v)
+
+
+def _usd_amount(v: Any, key: str) -> Decimal:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ConfigError(f"{key} must be an amount in USD, e.g. 100")
+    try:
+        d = Decimal(str(v))
+    except InvalidOperation:
+        raise ConfigError(f"{key} must be an amount in USD, e.g. 100 (got {v!r})") from None
+    if not d.is_finite() or d < 0:
+        raise ConfigError(f"{key} must be a non-negative amount in USD")
+    return d
 
 
 def _hostport(v: Any, key: str) -> HostPort:
