@@ -77,7 +77,7 @@ class Runtime:
         self.pricer.cost("openai", "gpt-4o", Usage(input_tokens=1, output_tokens=1))
 
     def _maintain(self) -> None:
-        """Every 15 s: release reservations of dead instances. Hourly: purge content past retention."""
+        """Every 15 s (sooner for short TTLs): release reservations of dead instances. Hourly: purge content past retention."""
         last_purge = 0.0
         while True:
             try:
@@ -92,7 +92,7 @@ class Runtime:
                                  self.settings.content_retention_days)
             except Exception as e:
                 log.warning("maintenance failed: %s", type(e).__name__)
-            if self._stopping.wait(15):
+            if self._stopping.wait(min(15.0, max(1.0, self.settings.reservation_ttl_seconds / 3))):
                 return
 
     def stop(self) -> None:

@@ -532,75 +532,44 @@ class Store:
         """Hold `amount_nusd` against every budget, all or none, in one transaction.
 
         Each hold is one conditional UPDATE (spent + reserved + amount <= cap), so concurrent
-        requests on any number of gateway instances can never jointly pass a cap.
+        requests on any number of gateway instances can never jointly pass a cap. Plain SQL
+        text: this runs before every capped request and SQL construction would dominate it.
         """
-        sp = BudgetSpend.__table__  # type: ignore[attr-defined]
-        bt = Budget.__table__  # type: ignore[attr-defined]
-        rt = Reservation.__table__  # type: ignore[attr-defined]
         refs: list[BudgetRef] = []
         remaining: int | None = None
         try:
             with self.engine.begin() as conn:
                 for b in budgets:
                     start = period_start(b.period, now)
-                    self._ensure_spend_row(conn, b.id, start)
-                    cap = sa.select(bt.c.cap_nusd).where(bt.c.id == b.id).scalar_subquery()
-                    held = sp.c.spent_nusd + sp.c.reserved_nusd
-                    r = conn.execute(
-                        sa.update(sp)
-                        .where(sp.c.budget_id == b.id, sp.c.period_start == start,
-                               held + amount_nusd <= cap, held < cap)
-                        .values(reserved_nusd=sp.c.reserved_nusd + amount_nusd)
-                    )
-                    row = conn.execute(
-                        sa.select(sp.c.spent_nusd, sp.c.reserved_nusd, cap.label("cap"))
-                        .where(sp.c.budget_id == b.id, sp.c.period_start == start)
-                    ).one()
+                    key = {"b": b.id, "ps": start}
+                    conn.execute(_ENSURE_SPEND, key)
+                    r = conn.execute(_HOLD, {**key, "amt": amount_nusd})
+                    row = conn.execute(_HELD, key).one()
                     if r.rowcount != 1:
                         raise _Refused(Blocked(b.scope, b.name, b.period, int(row.spent_nusd), int(row.reserved_nusd),
                                                int(row.cap), period_end(b.period, now)))
                     left = int(row.cap) - int(row.spent_nusd) - int(row.reserved_nusd)
                     remaining = left if remaining is None else min(remaining, left)
                     if amount_nusd:
-                        conn.execute(sa.insert(rt).values(
-                            request_id=request_id, budget_id=b.id, period_start=start,
-                            amount_nusd=amount_nusd, expires_at=(now + ttl)))
+                        conn.execute(_RESERVE, {**key, "rid": request_id, "amt": amount_nusd, "exp": now + ttl})
                     refs.append(BudgetRef(b.id, start))
         except _Refused as e:
             return ReserveResult((), None, e.blocked)
         return ReserveResult(tuple(refs), remaining)
 
     def _ensure_spend_row(self, conn: Any, budget_id: int, start: datetime) -> None:
-        values = {"budget_id": budget_id, "period_start": start, "spent_nusd": 0, "reserved_nusd": 0}
-        sp = BudgetSpend.__table__  # type: ignore[attr-defined]
-        if self.is_sqlite:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            conn.execute(sqlite_insert(sp).values(values).on_conflict_do_nothing())
-        else:
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            conn.execute(pg_insert(sp).values(values).on_conflict_do_nothing())
+        conn.execute(_ENSURE_SPEND, {"b": budget_id, "ps": start})
 
     def _settle(self, conn: Any, settles: Sequence[dict[str, Any]]) -> None:
         """Replace each request's reservations by its actual cost (0 when it failed)."""
-        sp = BudgetSpend.__table__  # type: ignore[attr-defined]
-        rt = Reservation.__table__  # type: ignore[attr-defined]
         for st in settles:
-            held = {
-                r.budget_id: int(r.amount_nusd)
-                for r in conn.execute(sa.select(rt.c.budget_id, rt.c.amount_nusd).where(rt.c.request_id == st["request_id"]))
-            }
+            held = {int(r.budget_id): int(r.amount_nusd) for r in conn.execute(_HELD_BY, {"rid": st["request_id"]})}
             if held:
-                conn.execute(sa.delete(rt).where(rt.c.request_id == st["request_id"]))
+                conn.execute(_UNRESERVE, {"rid": st["request_id"]})
             for ref in st["refs"]:
-                self._ensure_spend_row(conn, ref.budget_id, ref.period_start)
-                conn.execute(
-                    sa.update(sp)
-                    .where(sp.c.budget_id == ref.budget_id, sp.c.period_start == ref.period_start)
-                    .values(reserved_nusd=sp.c.reserved_nusd - held.get(ref.budget_id, 0),
-                            spent_nusd=sp.c.spent_nusd + st["actual_nusd"])
-                )
+                key = {"b": ref.budget_id, "ps": ref.period_start}
+                conn.execute(_ENSURE_SPEND, key)
+                conn.execute(_SETTLE, {**key, "held": held.get(ref.budget_id, 0), "actual": st["actual_nusd"]})
 
     def release_expired(self, now: datetime) -> int:
         """Reservations whose instance died: give their headroom back. Safe to run on every instance."""
@@ -651,6 +620,41 @@ _AUDIT_DEFAULTS: dict[str, Any] = {
 def _audit_defaults(row: dict[str, Any]) -> dict[str, Any]:
     # executemany needs every row to carry the same keys
     return {**_AUDIT_DEFAULTS, **row}
+
+
+def _ts_param(name: str) -> Any:
+    from spendgate.models import UTCDateTime
+
+    return sa.bindparam(name, type_=UTCDateTime())
+
+
+# ON CONFLICT DO NOTHING: PostgreSQL and SQLite >= 3.24 both speak it.
+_ENSURE_SPEND = sa.text(
+    "INSERT INTO budget_spend (budget_id, period_start, spent_nusd, reserved_nusd) VALUES (:b, :ps, 0, 0) "
+    "ON CONFLICT DO NOTHING"
+).bindparams(_ts_param("ps"))
+_HOLD = sa.text(
+    "UPDATE budget_spend SET reserved_nusd = reserved_nusd + :amt "
+    "WHERE budget_id = :b AND period_start = :ps "
+    "AND spent_nusd + reserved_nusd + :amt <= (SELECT cap_nusd FROM budgets WHERE id = :b) "
+    "AND spent_nusd + reserved_nusd < (SELECT cap_nusd FROM budgets WHERE id = :b)"
+).bindparams(_ts_param("ps"))
+_HELD = sa.text(
+    "SELECT s.spent_nusd, s.reserved_nusd, b.cap_nusd AS cap FROM budget_spend s JOIN budgets b ON b.id = s.budget_id "
+    "WHERE s.budget_id = :b AND s.period_start = :ps"
+).bindparams(_ts_param("ps"))
+_RESERVE = sa.text(
+    "INSERT INTO reservations (request_id, budget_id, period_start, amount_nusd, expires_at) "
+    "VALUES (:rid, :b, :ps, :amt, :exp)"
+).bindparams(_ts_param("ps"), _ts_param("exp"))
+
+
+_HELD_BY = sa.text("SELECT budget_id, amount_nusd FROM reservations WHERE request_id = :rid")
+_UNRESERVE = sa.text("DELETE FROM reservations WHERE request_id = :rid")
+_SETTLE = sa.text(
+    "UPDATE budget_spend SET reserved_nusd = reserved_nusd - :held, spent_nusd = spent_nusd + :actual "
+    "WHERE budget_id = :b AND period_start = :ps"
+).bindparams(_ts_param("ps"))
 
 
 def _usd(nano: int) -> str:
