@@ -92,9 +92,11 @@ class Metrics:
         self._server, _ = start_wsgi_server(port, addr=host, registry=self.registry)
 
     def stop(self) -> None:
+        # Close the socket only: shutdown() would wait on the serving thread's poll loop,
+        # which is a daemon and ends with the process.
         if self._server is not None:
-            self._server.shutdown()
             self._server.server_close()
+            self._server = None
 
 
 class StoreCollector(Collector):
