@@ -127,7 +127,25 @@ class AuditWriter:
                 if stopping and max(i.attempts for i in retry) >= len(RETRY_DELAYS):
                     log.error("audit: dropping %d rows after repeated failures at shutdown", len(retry))
                     break
-                time.sleep(delay)
+                deadline = time.monotonic() + delay
+                while not stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        nxt = self._q.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stopping = True
+                        break
+                    if nxt.done is None:
+                        retry.append(nxt)
+                        continue
+                    rest = self._commit([nxt])
+                    retry.extend(rest)
+                    if self.healthy:
+                        break
 
     def _store_alive(self) -> bool:
         try:

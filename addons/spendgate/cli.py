@@ -404,6 +404,46 @@ def usage(
     render(out, cols, fmt, title=f"Usage by {by.value}")
 
 
+# -- alerts -------------------------------------------------------------------
+
+alerts_app = typer.Typer(no_args_is_help=True, help="Slack alerts: send a test message, list what was sent.")
+app.add_typer(alerts_app, name="alerts")
+
+
+@alerts_app.command("test")
+def alerts_test(config: ConfigOpt = None) -> None:
+    """Send a test message to the configured Slack webhook or channel; exit 1 if it was not delivered."""
+    from spendgate.alerts import AlertDeliveryError, SlackSender, hello_alert, is_configured
+
+    settings = _settings(config)
+    if not is_configured(settings.slack):
+        err.print("[red]Slack is not configured:[/red] set alerts.slack.webhook_url, or bot_token and channel")
+        raise typer.Exit(2)
+    sender = SlackSender(settings.slack)
+    try:
+        sender.deliver(hello_alert())
+    except AlertDeliveryError as e:
+        err.print(f"[red]not delivered[/red] ({sender.via}): {e}")
+        raise typer.Exit(1) from None
+    print(f"test message delivered ({sender.via})")
+
+
+@alerts_app.command("list")
+def alerts_list(
+    kind: Annotated[Optional[str], typer.Option("--kind", help="threshold, cap_blocked, spike, backstop, shadow_traffic, store_failing.")] = None,
+    since: Annotated[Optional[str], typer.Option("--since")] = None,
+    limit: Annotated[int, typer.Option("--limit")] = 100,
+    config: ConfigOpt = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Alerts sent (or folded, or failed), newest first; `count` is how often the event occurred."""
+    store = _store(_settings(config))
+    rows = [a.model_dump() for a in store.list_alerts(kind=kind, since=parse_when(since) if since else None, limit=limit)]
+    cols = ["sent_at", "kind", "scope", "name", "status", "count", "attempts", "last_at", "dedupe_key", "text", "error"]
+    render(rows, cols if fmt is not Format.table else ["sent_at", "kind", "scope", "name", "status", "count", "text"],
+           fmt, title="Slack alerts")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -43,7 +43,10 @@ class Meter:
         if call is None or flow.response is None:
             return
         call.extra["t_headers"] = time.perf_counter()
-        if not flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+        ctype = flow.response.headers.get("content-type", "")
+        # Gemini streams without ?alt=sse are one JSON array sent piece by piece.
+        gemini_array = call.family == "gemini" and call.stream and ctype.startswith("application/json")
+        if not (ctype.startswith("text/event-stream") or gemini_array):
             return
         tap = StreamTap(Family(call.family), EndpointKind(call.endpoint_kind), bool(call.extra.get("strip_usage")))
         call.extra["tap"] = tap
@@ -51,14 +54,14 @@ class Meter:
         counter = {"bytes": 0}
         call.extra["stream_counter"] = counter
 
-        def on_chunk(chunk: bytes) -> bytes:
+        def on_chunk(chunk: bytes) -> list[bytes]:
             if chunk and "t_first" not in call.extra:
                 call.extra["t_first"] = time.perf_counter()
             out = tap.feed(chunk)
             counter["bytes"] += len(out)
             if capture is not None and len(capture) < CAPTURE_LIMIT:
                 capture.extend(out)
-            return out
+            return [out] if out else []
 
         flow.response.stream = on_chunk
 
@@ -90,7 +93,7 @@ class Meter:
                 usage = await self._parse_usage(call, resp)
         estimated = False
         if call.endpoint_kind != EndpointKind.OTHER.value:
-            needs_estimate = usage is None or (tap is not None and not tap.completed and usage.output_tokens == 0)
+            needs_estimate = usage is None or (tap is not None and not tap.completed)
             # Estimate only what the provider will bill: it answered, or the client left while it worked.
             reached = resp is not None or (flow.error is not None and client_gone(flow))
             if needs_estimate and reached and (resp is None or resp.status_code < 400):

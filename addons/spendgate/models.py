@@ -175,3 +175,26 @@ class Reservation(SQLModel, table=True):
     period_start: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
     amount_nusd: int = Field(sa_column=sa.Column(sa.BigInteger(), nullable=False))
     expires_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False, index=True))
+
+
+class AlertSent(SQLModel, table=True):
+    """One Slack alert, keyed so that each (scope, threshold, period)-style event is sent once.
+
+    Whichever gateway instance inserts the row first sends the message; the others skip it.
+    Repeats of the same event (more blocked requests, a spike that goes on) bump `count`.
+    """
+
+    __tablename__ = "alerts_sent"
+    dedupe_key: str = Field(sa_column=sa.Column(sa.String(300), primary_key=True))
+    kind: str = Field(sa_column=sa.Column(sa.String(32), nullable=False))
+    scope: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    name: str = Field(sa_column=sa.Column(sa.String(200), nullable=False))
+    sent_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False, index=True))
+    last_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    count: int = Field(default=1, sa_column=sa.Column(sa.BigInteger(), nullable=False, default=1))
+    reported_count: int = Field(default=1, sa_column=sa.Column(sa.BigInteger(), nullable=False, default=1))
+    status: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))  # sending|delivered|failed|folded
+    attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer(), nullable=False, default=0))
+    text: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
+    blocks: Optional[str] = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+    error: Optional[str] = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 import genai_prices
 from genai_prices.data_snapshot import get_snapshot
@@ -44,7 +44,10 @@ def _decimal(value: object) -> Decimal:
     # str() first: Decimal(2.1) would carry the float's binary error into every bill.
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
         raise ValueError(f"not a price: {value!r}")
-    result = Decimal(str(value))
+    try:
+        result = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"not a price: {value!r}") from None
     if not result.is_finite() or result < 0:
         raise ValueError(f"not a price: {value!r}")
     return result

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any
 
 from mitmproxy import http
@@ -13,14 +12,12 @@ from mitmproxy import http
 from spendgate.auditlog import AuditUnavailable, AuditWriter
 from spendgate.call import Call, get_call, refuse
 from spendgate.meter import body_text, nano_usd
-from spendgate.outcome import classify_error
+from spendgate.outcome import classify_error, client_gone
 from spendgate.models import utcnow
 from spendgate.runtime import Runtime
 from spendgate.usage import Usage
 
 log = logging.getLogger("spendgate.record")
-
-INSTANCE_ID = uuid.uuid4().hex[:12]
 
 
 class Record:
@@ -53,7 +50,7 @@ class Record:
             "request_bytes": call.request_bytes,
             "client_addr": call.extra.get("client_addr"),
             "user_agent": (call.extra.get("user_agent") or "")[:300] or None,
-            "instance_id": INSTANCE_ID,
+            "instance_id": self.rt.instance_id,
         }
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -143,9 +140,18 @@ class Record:
             })
         if "t_resp0" in call.extra:
             call.extra["t_post"] = time.perf_counter() - call.extra["t_resp0"]
+        alerts = getattr(self.rt, "alerts", None)
+        if alerts is not None:
+            alerts.observe(call)  # an in-memory append; cap blocks and raw provider keys feed Slack alerts
 
     @staticmethod
     def _outcome(flow: http.HTTPFlow, call: Call) -> tuple[str, int | None, str | None]:
+        tap = call.extra.get("tap")
+        cut_by_upstream = (flow.error is not None and flow.response is not None and tap is not None
+                           and not tap.completed and not client_gone(flow) and flow.response.status_code < 400)
+        if cut_by_upstream:
+            assert flow.response is not None
+            return "upstream_error", flow.response.status_code, "stream ended before its final event (usage estimated)"
         if flow.error is not None:
             outcome, status = classify_error(flow)
             return outcome, status, flow.error.msg[:500]

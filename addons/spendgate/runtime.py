@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from spendgate.auditlog import AuditWriter
 from spendgate.metrics import Metrics, ModelLabels
@@ -31,7 +33,9 @@ class Runtime:
     metrics: Metrics
     model_labels: ModelLabels
     _insecure_upstreams: set[tuple[str, int]] = field(default_factory=set)
+    instance_id: str = ""  # host:port, stable across restarts of the same gateway
     _stopping: threading.Event = field(default_factory=threading.Event)
+    alerts: Any = None  # spendgate.alerting.AlertEvaluator when Slack alerts are configured
 
     @classmethod
     def build(cls, settings: Settings) -> "Runtime":
@@ -44,8 +48,9 @@ class Runtime:
                 hostmap[h] = p.name
             if p.upstream is not None and not p.verify_upstream_tls:
                 insecure.add((p.upstream.host, p.upstream.port))
+        instance_id = f"{socket.gethostname()}:{settings.proxy.listen.port}"[:40]
         return cls(settings, store, KeyRegistry(store), HostMatcher(hostmap), AuditWriter(store),
-                   pricer, Metrics(), ModelLabels(pricer), insecure)
+                   pricer, Metrics(), ModelLabels(pricer), insecure, instance_id=instance_id)
 
     def start(self) -> None:
         """Blocking: migrate an empty database, load keys, start the background threads."""
@@ -57,12 +62,18 @@ class Runtime:
                 f"database schema is at {self.store.current_revision()}, this gateway needs "
                 f"{self.store.head_revision()}: run `spendgate db upgrade`"
             )
+        mine = self.store.mark_instance_incomplete(self.instance_id)
+        if mine:
+            log.warning("%d requests were in flight when this gateway last stopped; their audit rows are marked incomplete", mine)
         stale = self.store.mark_stale_incomplete(utcnow() - timedelta(seconds=self.settings.reservation_ttl_seconds))
         if stale:
             log.warning("%d audit rows left open by a stopped gateway are marked incomplete", stale)
         self._warm_up()
         self.registry.start()
         self.writer.start()
+        from spendgate.alerting import start_alerting
+
+        self.alerts = start_alerting(self)
         self.metrics.serve(self.settings.metrics_listen.host, self.settings.metrics_listen.port)
         self._maintenance = threading.Thread(target=self._maintain, name="spendgate-maintenance", daemon=True)
         self._maintenance.start()
@@ -97,6 +108,8 @@ class Runtime:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.alerts is not None:
+            self.alerts.stop()
         self.metrics.stop()
         self.writer.stop()
         self.registry.stop()

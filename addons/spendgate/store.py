@@ -15,10 +15,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -27,6 +23,7 @@ from spendgate import keys as keyfmt
 from spendgate.keys import KeyRecord
 from spendgate.models import (
     AdminEvent,
+    AlertSent,
     ApiKey,
     AuditRecord,
     Budget,
@@ -149,22 +146,26 @@ class Store:
 
     # -- schema ---------------------------------------------------------------
 
-    def _alembic(self) -> AlembicConfig:
-        cfg = AlembicConfig()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        return cfg
-
     def current_revision(self) -> str | None:
         with self.engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            if not sa.inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
 
-    def head_revision(self) -> str | None:
-        return ScriptDirectory.from_config(self._alembic()).get_current_head()
+    @staticmethod
+    def head_revision() -> str | None:
+        """The newest migration. Revisions are numbered files in one line, so no need to load Alembic."""
+        found = sorted(p.name for p in (MIGRATIONS / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
+        return found[-1][:4] if found else None
 
     def upgrade(self) -> tuple[str | None, str | None]:
         """Apply pending migrations; returns (before, after) revisions."""
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+
         before = self.current_revision()
-        cfg = self._alembic()
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
@@ -192,18 +193,13 @@ class Store:
         now = utcnow()
         team_id = None
         if team:
-            t = s.exec(select(Team).where(Team.name == team)).first()
-            if t is None:
-                t = Team(name=team, created_at=now)
-                s.add(t)
-                s.flush()
+            # Insert-if-absent, so two admins creating keys for a new team at once both succeed.
+            s.execute(_insert_ignore(Team.__table__, {"name": team, "created_at": now}, self.is_sqlite))  # type: ignore[attr-defined]
+            t = s.exec(select(Team).where(Team.name == team)).one()
             team_id = t.id
-        u = s.exec(select(User).where(User.name == name)).first()
-        if u is None:
-            u = User(name=name, team_id=team_id, created_at=now)
-            s.add(u)
-            s.flush()
-        elif team is not None and u.team_id != team_id:
+        s.execute(_insert_ignore(User.__table__, {"name": name, "team_id": team_id, "created_at": now}, self.is_sqlite))  # type: ignore[attr-defined]
+        u = s.exec(select(User).where(User.name == name)).one()
+        if team is not None and u.team_id != team_id:
             u.team_id = team_id
             s.add(u)
         return u
@@ -607,6 +603,170 @@ class Store:
                 q = q.where(AdminEvent.at < until)
             return list(s.exec(q.order_by(AdminEvent.id.desc()).limit(limit)).all())  # type: ignore[union-attr]
 
+    # -- alerts ---------------------------------------------------------------
+
+    def claim_alert(
+        self,
+        dedupe_key: str,
+        kind: str,
+        scope: str,
+        name: str,
+        text: str,
+        blocks: str | None = None,
+        now: datetime | None = None,
+        status: str = "sending",
+    ) -> bool:
+        """Insert the "sent" mark for an alert. True: this caller won and sends it; False: already marked.
+
+        The primary key makes this exact across gateway instances and restarts.
+        """
+        now = now or utcnow()
+        t = AlertSent.__table__  # type: ignore[attr-defined]
+        values = {
+            "dedupe_key": dedupe_key[:300], "kind": kind, "scope": scope, "name": name[:200], "sent_at": now,
+            "last_at": now, "count": 1, "reported_count": 1, "status": status,
+            "attempts": 1 if status == "sending" else 0, "text": text, "blocks": blocks, "error": None,
+        }
+        if self.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt: Any = sqlite_insert(t).values(values).on_conflict_do_nothing()
+        else:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt = pg_insert(t).values(values).on_conflict_do_nothing()
+        with self.engine.begin() as conn:
+            # RETURNING, not rowcount: psycopg reports no rowcount for INSERT .. ON CONFLICT DO NOTHING
+            return conn.execute(stmt.returning(t.c.dedupe_key)).first() is not None
+
+    def bump_alert_count(self, dedupe_key: str, n: int = 1, now: datetime | None = None) -> bool:
+        """One more occurrence of an already-sent alert (counted, summarised later, not re-sent)."""
+        t = AlertSent.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            r = conn.execute(sa.update(t).where(t.c.dedupe_key == dedupe_key)
+                             .values(count=t.c.count + n, last_at=now or utcnow()))
+            return r.rowcount == 1
+
+    def mark_alert(self, dedupe_key: str, status: str, error: str | None = None) -> None:
+        """Delivery result: delivered | failed."""
+        t = AlertSent.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(t).where(t.c.dedupe_key == dedupe_key)
+                         .values(status=status, error=None if error is None else error[:2000]))
+
+    def get_alert(self, dedupe_key: str) -> AlertSent | None:
+        with Session(self.engine) as s:
+            return s.get(AlertSent, dedupe_key)
+
+    def list_alerts(self, kind: str | None = None, since: datetime | None = None, limit: int | None = 100) -> list[AlertSent]:
+        with Session(self.engine) as s:
+            q = select(AlertSent)
+            if kind:
+                q = q.where(AlertSent.kind == kind)
+            if since:
+                q = q.where(AlertSent.sent_at >= since)
+            q = q.order_by(AlertSent.sent_at.desc(), AlertSent.dedupe_key)  # type: ignore[attr-defined]
+            if limit:
+                q = q.limit(limit)
+            return list(s.exec(q).all())
+
+    def latest_alert(self, kind: str, scope: str, name: str) -> AlertSent | None:
+        with Session(self.engine) as s:
+            q = (select(AlertSent).where(AlertSent.kind == kind, AlertSent.scope == scope, AlertSent.name == name)
+                 .order_by(AlertSent.last_at.desc()).limit(1))  # type: ignore[attr-defined]
+            return s.exec(q).first()
+
+    def count_alerts(self, kind: str, scope: str, name: str) -> int:
+        t = AlertSent.__table__  # type: ignore[attr-defined]
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(t)
+                                    .where(t.c.kind == kind, t.c.scope == scope, t.c.name == name)).scalar() or 0)
+
+    def unreported_alerts(self, kind: str, since: datetime) -> list[AlertSent]:
+        """Alerts whose repeats (`count`) have not all been reported yet."""
+        with Session(self.engine) as s:
+            q = select(AlertSent).where(AlertSent.kind == kind, AlertSent.sent_at >= since,
+                                        AlertSent.count > AlertSent.reported_count)  # type: ignore[operator]
+            return list(s.exec(q).all())
+
+    def mark_reported(self, dedupe_key: str, old_reported: int, new_reported: int) -> bool:
+        """Compare-and-set, so only one instance reports a batch of repeats."""
+        t = AlertSent.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            r = conn.execute(sa.update(t).where(t.c.dedupe_key == dedupe_key, t.c.reported_count == old_reported)
+                             .values(reported_count=new_reported))
+            return r.rowcount == 1
+
+    def retryable_alerts(self, now: datetime, max_attempts: int, backoff: timedelta, stale: timedelta) -> list[AlertSent]:
+        """Failed deliveries due for another try, and sends left open by an instance that died."""
+        with Session(self.engine) as s:
+            q = select(AlertSent).where(
+                AlertSent.attempts < max_attempts,  # type: ignore[operator]
+                sa.or_(
+                    sa.and_(AlertSent.status == "failed", AlertSent.last_at < now - backoff),  # type: ignore[operator]
+                    sa.and_(AlertSent.status == "sending", AlertSent.last_at < now - stale),  # type: ignore[operator]
+                ),
+            ).limit(50)
+            return list(s.exec(q).all())
+
+    def reclaim_alert(self, dedupe_key: str, status: str, attempts: int, now: datetime | None = None) -> bool:
+        """Take a failed (or stale) alert for another delivery attempt; exactly one instance wins."""
+        t = AlertSent.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            r = conn.execute(
+                sa.update(t).where(t.c.dedupe_key == dedupe_key, t.c.status == status, t.c.attempts == attempts)
+                .values(status="sending", attempts=t.c.attempts + 1, last_at=now or utcnow())
+            )
+            return r.rowcount == 1
+
+    def activity_by_user(
+        self, since: datetime, until: datetime | None = None, users: Sequence[str] | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """{user: (requests, cost nano-USD)} for audit rows started in [since, until)."""
+        t = AuditRecord.__table__  # type: ignore[attr-defined]
+        q = (sa.select(t.c.user, sa.func.count(), sa.func.coalesce(sa.func.sum(t.c.cost_nusd), 0))
+             .where(t.c.started_at >= since, t.c.user.is_not(None)))
+        if until is not None:
+            q = q.where(t.c.started_at < until)
+        if users is not None:
+            q = q.where(t.c.user.in_(list(users)))
+        with self.engine.connect() as conn:
+            return {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(q.group_by(t.c.user))}
+
+    def provider_spend_nusd(self, provider: str, since: datetime, until: datetime) -> int:
+        """What the gateway attributed to one provider over [since, until), nano-USD."""
+        t = AuditRecord.__table__  # type: ignore[attr-defined]
+        q = (sa.select(sa.func.coalesce(sa.func.sum(t.c.cost_nusd), 0))
+             .where(t.c.provider == provider, t.c.started_at >= since, t.c.started_at < until))
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar() or 0)
+
+    def crossed_budgets(self, now: datetime, min_percent: int) -> list[dict[str, Any]]:
+        """Budgets whose settled spend this period is at least `min_percent` of their (non-zero) cap.
+
+        One query for every budget (the alert evaluator runs it every second on every instance);
+        rows are shaped like `budget_status()`.
+        """
+        bt = Budget.__table__  # type: ignore[attr-defined]
+        sp = BudgetSpend.__table__  # type: ignore[attr-defined]
+        starts = {p: period_start(p, now) for p in PERIODS}
+        on = sa.and_(sp.c.budget_id == bt.c.id,
+                     sa.or_(*[sa.and_(bt.c.period == p, sp.c.period_start == st) for p, st in starts.items()]))
+        q = (sa.select(bt.c.scope, bt.c.name, bt.c.period, bt.c.cap_nusd, sp.c.spent_nusd)
+             .select_from(bt.join(sp, on))
+             .where(bt.c.cap_nusd > 0, sp.c.spent_nusd * 100 >= bt.c.cap_nusd * min_percent))
+        with self.engine.connect() as conn:
+            return [{
+                "scope": r.scope, "name": r.name, "period": r.period, "cap_nusd": int(r.cap_nusd),
+                "spent_nusd": int(r.spent_nusd), "period_start": starts[r.period], "resets_at": period_end(r.period, now),
+            } for r in conn.execute(q)]
+
+    def user_team(self, user: str) -> str | None:
+        with Session(self.engine) as s:
+            row = s.exec(select(Team.name).join(User, User.team_id == Team.id)  # type: ignore[arg-type]
+                         .where(User.name == user)).first()
+            return row
+
 
 _AUDIT_DEFAULTS: dict[str, Any] = {
     "ended_at": None, "user": None, "team": None, "key_id": None, "model_requested": None, "model_reported": None,
@@ -620,6 +780,16 @@ _AUDIT_DEFAULTS: dict[str, Any] = {
 def _audit_defaults(row: dict[str, Any]) -> dict[str, Any]:
     # executemany needs every row to carry the same keys
     return {**_AUDIT_DEFAULTS, **row}
+
+
+def _insert_ignore(table: Any, values: dict[str, Any], sqlite: bool) -> Any:
+    if sqlite:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).values(values).on_conflict_do_nothing()
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    return pg_insert(table).values(values).on_conflict_do_nothing()
 
 
 def _ts_param(name: str) -> Any:
