@@ -27,6 +27,8 @@ from spendgate.usage import EndpointKind, Family, Usage
 log = logging.getLogger("spendgate.budget")
 
 REMAINING_HEADER = "x-spendgate-budget-remaining-usd"
+MAX_OUTPUT_TOKENS = 10_000_000
+MAX_AMOUNT_NUSD = 2**62  # fits BIGINT with room for sums; any real cap is far below
 
 
 def usd_text(nano: int) -> str:
@@ -55,9 +57,10 @@ class Budgets:
         else:
             inp = estimate_input_tokens(family, kind, body, model)
         out = 0 if kind is EndpointKind.EMBEDDINGS else (call.max_output_tokens or self.rt.settings.default_max_output_tokens)
+        out = min(max(out, 0), MAX_OUTPUT_TOKENS)  # a negative or absurd limit must not shrink or overflow the estimate
         cost = self.rt.pricer.cost(call.provider.name, model, Usage(input_tokens=inp, output_tokens=out))
         call.extra["estimate_tokens"] = (inp, out)
-        return nano_usd(cost) or 0
+        return min(nano_usd(cost) or 0, MAX_AMOUNT_NUSD)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)

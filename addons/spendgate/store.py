@@ -535,7 +535,8 @@ class Store:
         remaining: int | None = None
         try:
             with self.engine.begin() as conn:
-                for b in budgets:
+                # Rows are always locked in budget-id order (here and in _settle): no deadlocks on PostgreSQL.
+                for b in sorted(budgets, key=lambda x: x.id):
                     start = period_start(b.period, now)
                     key = {"b": b.id, "ps": start}
                     conn.execute(_ENSURE_SPEND, key)
@@ -558,14 +559,20 @@ class Store:
 
     def _settle(self, conn: Any, settles: Sequence[dict[str, Any]]) -> None:
         """Replace each request's reservations by its actual cost (0 when it failed)."""
+        deltas: dict[tuple[int, datetime], list[int]] = {}  # (budget, period) -> [held, actual]
         for st in settles:
             held = {int(r.budget_id): int(r.amount_nusd) for r in conn.execute(_HELD_BY, {"rid": st["request_id"]})}
             if held:
                 conn.execute(_UNRESERVE, {"rid": st["request_id"]})
             for ref in st["refs"]:
-                key = {"b": ref.budget_id, "ps": ref.period_start}
-                conn.execute(_ENSURE_SPEND, key)
-                conn.execute(_SETTLE, {**key, "held": held.get(ref.budget_id, 0), "actual": st["actual_nusd"]})
+                d = deltas.setdefault((ref.budget_id, ref.period_start), [0, 0])
+                d[0] += held.get(ref.budget_id, 0)
+                d[1] += st["actual_nusd"]
+        # One update per budget row, in the same lock order as reserve().
+        for (budget_id, start), (held_sum, actual_sum) in sorted(deltas.items()):
+            key = {"b": budget_id, "ps": start}
+            conn.execute(_ENSURE_SPEND, key)
+            conn.execute(_SETTLE, {**key, "held": held_sum, "actual": actual_sum})
 
     def release_expired(self, now: datetime) -> int:
         """Reservations whose instance died: give their headroom back. Safe to run on every instance."""
