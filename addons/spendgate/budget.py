@@ -97,6 +97,7 @@ class Budgets:
             call.extra["blocked_budget"] = b
             return
         call.extra["reservation"] = result.refs
+        self.rt.holds.add(call.request_id)
         if result.remaining_nusd is not None:
             call.extra["budget_remaining_nusd"] = result.remaining_nusd
 

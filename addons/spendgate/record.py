@@ -115,6 +115,7 @@ class Record:
             )
         refs = call.extra.get("reservation")
         if refs is not None:
+            self.rt.holds.discard(call.request_id)
             # Settle in the same transaction as the completion; a request that never reached the
             # provider costs nothing (cost None with tokens: unknown price, counted as 0 against caps).
             self.writer.settle({"request_id": call.request_id, "refs": refs,
@@ -147,6 +148,9 @@ class Record:
     @staticmethod
     def _outcome(flow: http.HTTPFlow, call: Call) -> tuple[str, int | None, str | None]:
         tap = call.extra.get("tap")
+        if tap is not None and tap.completed and flow.response is not None and flow.response.status_code < 400:
+            # The stream's last event went through; a client that hangs up after it still got (and owes) it all.
+            return "completed", flow.response.status_code, None
         cut_by_upstream = (flow.error is not None and flow.response is not None and tap is not None
                            and not tap.completed and not client_gone(flow) and flow.response.status_code < 400)
         if cut_by_upstream:

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from spendgate.auditlog import AuditWriter
+from spendgate.holds import LiveHolds
 from spendgate.metrics import Metrics, ModelLabels
 from spendgate.pricing import Pricer
 from spendgate.providers import HostMatcher
@@ -33,6 +34,7 @@ class Runtime:
     metrics: Metrics
     model_labels: ModelLabels
     _insecure_upstreams: set[tuple[str, int]] = field(default_factory=set)
+    holds: LiveHolds = field(default_factory=LiveHolds)
     instance_id: str = ""  # host:port, stable across restarts of the same gateway
     _stopping: threading.Event = field(default_factory=threading.Event)
     alerts: Any = None  # spendgate.alerting.AlertEvaluator when Slack alerts are configured
@@ -92,7 +94,9 @@ class Runtime:
         last_purge = 0.0
         while True:
             try:
-                n = self.store.release_expired(utcnow())
+                now = utcnow()
+                self.store.extend_reservations(self.holds.snapshot(), now + timedelta(seconds=self.settings.reservation_ttl_seconds))
+                n = self.store.release_expired(now)
                 if n:
                     log.warning("released %d expired budget reservations (a gateway stopped mid-request)", n)
                 if time.monotonic() - last_purge > 3600 or not last_purge:

@@ -373,20 +373,14 @@ class Store:
 
         Budget settlements ride in the same transaction as the audit completions they belong to.
         """
-        table = AuditRecord.__table__  # type: ignore[attr-defined]
         with self.engine.begin() as conn:
             if inserts:
-                conn.execute(sa.insert(table), [_audit_defaults(r) for r in inserts])
+                conn.execute(_AUDIT_INSERT, [_audit_defaults(r) for r in inserts])
             by_cols: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for u in updates:
                 by_cols.setdefault(tuple(sorted(u)), []).append(u)
             for cols, rows in by_cols.items():
-                stmt = (
-                    sa.update(table)
-                    .where(table.c.id == sa.bindparam("b_id"))
-                    .values({c: sa.bindparam("b_" + c) for c in cols if c != "id"})
-                )
-                conn.execute(stmt, [{"b_" + k: v for k, v in r.items()} for r in rows])
+                conn.execute(_audit_update(cols), rows)
             if contents:
                 conn.execute(sa.insert(CapturedContent.__table__), list(contents))  # type: ignore[attr-defined]
             if settles:
@@ -573,6 +567,13 @@ class Store:
             key = {"b": budget_id, "ps": start}
             conn.execute(_ENSURE_SPEND, key)
             conn.execute(_SETTLE, {**key, "held": held_sum, "actual": actual_sum})
+
+    def extend_reservations(self, request_ids: Sequence[str], until: datetime) -> None:
+        """Keep the holds of requests still running: only a dead instance's reservations expire."""
+        rt = Reservation.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            for chunk in iter_chunks(request_ids, 500):
+                conn.execute(sa.update(rt).where(rt.c.request_id.in_(chunk)).values(expires_at=until))
 
     def release_expired(self, now: datetime) -> int:
         """Reservations whose instance died: give their headroom back. Safe to run on every instance."""
@@ -803,6 +804,35 @@ def _ts_param(name: str) -> Any:
     from spendgate.models import UTCDateTime
 
     return sa.bindparam(name, type_=UTCDateTime())
+
+
+_AUDIT_COLUMNS = ("id", "started_at", "provider", "host", "method", "path", "endpoint_kind", "outcome", *_AUDIT_DEFAULTS)
+_AUDIT_TS = ("started_at", "ended_at")
+
+
+def _audit_stmt(sql: str, cols: Sequence[str]) -> Any:
+    return sa.text(sql).bindparams(*[_ts_param(c) for c in _AUDIT_TS if c in cols])
+
+
+# Prepared text: these run for every request and SQL construction would cost more than the commit.
+# Column names are quoted: `user` is reserved in PostgreSQL.
+_AUDIT_INSERT = _audit_stmt(
+    "INSERT INTO audit_log (" + ", ".join(f'"{c}"' for c in _AUDIT_COLUMNS) + ") VALUES ("
+    + ", ".join(f":{c}" for c in _AUDIT_COLUMNS) + ")",
+    _AUDIT_COLUMNS,
+)
+_AUDIT_UPDATES: dict[tuple[str, ...], Any] = {}
+
+
+def _audit_update(cols: tuple[str, ...]) -> Any:
+    stmt = _AUDIT_UPDATES.get(cols)
+    if stmt is None:
+        unknown = set(cols) - set(_AUDIT_COLUMNS)
+        if unknown:
+            raise StoreError(f"not audit columns: {sorted(unknown)}")
+        sets = ", ".join(f'"{c}" = :{c}' for c in cols if c != "id")
+        stmt = _AUDIT_UPDATES[cols] = _audit_stmt(f"UPDATE audit_log SET {sets} WHERE id = :id", cols)
+    return stmt
 
 
 # ON CONFLICT DO NOTHING: PostgreSQL and SQLite >= 3.24 both speak it.
