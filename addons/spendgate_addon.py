@@ -15,17 +15,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mitmproxy import ctx, exceptions  # noqa: E402
 
+from spendgate.pipeline import Pipeline  # noqa: E402
 from spendgate.runtime import Runtime  # noqa: E402
 from spendgate.settings import ConfigError, load_settings  # noqa: E402
 from spendgate.stages import build_stages  # noqa: E402
 
 
 class SpendgateScript:
-    """Builds the runtime once the `spendgate_config` option is known, then relays hooks to the stages."""
+    """Builds the runtime once the `spendgate_config` option is known, then hands events to the pipeline."""
 
     def __init__(self) -> None:
         self.rt: Runtime | None = None
-        self.stages: list[Any] = []
+        self.pipeline: Pipeline | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option("spendgate_config", str, "", "Path of the Spendgate config file (TOML).")
@@ -46,44 +47,42 @@ class SpendgateScript:
             self.rt.stop()
         self.rt = Runtime.build(settings)
         self.rt.start()
-        self.stages = build_stages(self.rt)
+        self.pipeline = Pipeline(build_stages(self.rt))
 
     def done(self) -> None:
         if self.rt is not None:
             self.rt.stop()
 
-    async def _relay(self, hook: str, *args: Any) -> None:
-        for stage in self.stages:
-            fn = getattr(stage, hook, None)
-            if fn is None:
-                continue
-            r = fn(*args)
-            if hasattr(r, "__await__"):
+    async def _run(self, hook: str, arg: Any) -> None:
+        fn = getattr(self.pipeline, hook, None)
+        if fn is not None:
+            r = fn(arg)
+            if r is not None:
                 await r
 
     async def tls_clienthello(self, data: Any) -> None:
-        await self._relay("tls_clienthello", data)
+        await self._run("tls_clienthello", data)
 
     async def tls_start_server(self, data: Any) -> None:
-        await self._relay("tls_start_server", data)
+        await self._run("tls_start_server", data)
 
     async def http_connect(self, flow: Any) -> None:
-        await self._relay("http_connect", flow)
+        await self._run("http_connect", flow)
 
     async def requestheaders(self, flow: Any) -> None:
-        await self._relay("requestheaders", flow)
+        await self._run("requestheaders", flow)
 
     async def request(self, flow: Any) -> None:
-        await self._relay("request", flow)
+        await self._run("request", flow)
 
     async def responseheaders(self, flow: Any) -> None:
-        await self._relay("responseheaders", flow)
+        await self._run("responseheaders", flow)
 
     async def response(self, flow: Any) -> None:
-        await self._relay("response", flow)
+        await self._run("response", flow)
 
     async def error(self, flow: Any) -> None:
-        await self._relay("error", flow)
+        await self._run("error", flow)
 
 
 addons = [SpendgateScript()]

@@ -6,6 +6,7 @@ Prices come from `[prices.overrides]` when configured, else from genai-prices' b
 from __future__ import annotations
 
 import logging
+from typing import Any
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -108,6 +109,7 @@ class Pricer:
     def __init__(self, overrides: Mapping[str, PriceOverride] | None = None) -> None:
         self._overrides = {k.lower(): v for k, v in (overrides or {}).items()}
         self._canonical: dict[tuple[str, str], str | None] = {}
+        self._models: dict[tuple[str, str], tuple[Any, Any] | None] = {}
         self._warned: set[tuple[str, str | None]] = set()
 
     def cost(self, provider: str, model: str | None, usage: Usage) -> Decimal | None:
@@ -118,10 +120,11 @@ class Pricer:
                 return override.cost(usage)
             canonical = self._lookup(provider, model)
             if canonical is not None:
+                found = self._models.get((provider, model))
                 try:
-                    result = genai_prices.calc_price(
-                        usage, model, provider_id=self._provider_id(provider)
-                    )
+                    # genai_prices.calc_price would search the price data again on every call.
+                    result = (found[1].calc_price(usage, found[0]) if found is not None else
+                              genai_prices.calc_price(usage, model, provider_id=self._provider_id(provider)))
                 except (LookupError, ValueError) as e:
                     self._warn_once(provider, model, str(e))
                     return None
@@ -153,10 +156,14 @@ class Pricer:
         except KeyError:
             pass
         try:
-            _, info = get_snapshot().find_provider_model(model, None, self._provider_id(provider), None)
-            canonical: str | None = info.id
+            found = get_snapshot().find_provider_model(model, None, self._provider_id(provider), None)
+            canonical: str | None = found[1].id
         except LookupError:
+            found = None
             canonical = None  # remembered: genai-prices does not cache misses and they scan everything
+        if len(self._models) >= _MEMO_LIMIT:
+            self._models.clear()
+        self._models[key] = found
         if len(self._canonical) >= _MEMO_LIMIT:
             self._canonical.clear()
         self._canonical[key] = canonical

@@ -15,6 +15,7 @@ from mitmproxy.tools.dump import DumpMaster
 
 from spendgate.runtime import Runtime
 from spendgate.settings import Settings
+from spendgate.pipeline import Pipeline
 from spendgate.stages import build_stages
 
 log = logging.getLogger("spendgate")
@@ -40,7 +41,7 @@ async def _run(settings: Settings) -> None:
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
     configure_mitmproxy(opts, settings)
-    master.addons.add(*build_stages(rt))
+    master.addons.add(Pipeline(build_stages(rt)))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, master.shutdown)
