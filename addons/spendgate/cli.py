@@ -113,10 +113,16 @@ def keys_create(
         raise typer.BadParameter("--cap and --period go together, e.g. --cap 50 --period month", param_hint="--cap")
     settings = _settings(config)
     store = _store(settings)
-    key_id, key = store.create_key(
-        user, team=team, models=models or (), expires_at=parse_when(expires) if expires else None, rpm=rpm,
-        byok=byok, capture_content=capture_content, capture_reason=reason, actor=actor,
-    )
+    from spendgate.store import StoreError
+
+    try:
+        key_id, key = store.create_key(
+            user, team=team, models=models or (), expires_at=parse_when(expires) if expires else None, rpm=rpm,
+            byok=byok, capture_content=capture_content, capture_reason=reason, actor=actor,
+        )
+    except StoreError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
     if cap is not None and period is not None:
         _set_budget(store, "user", user, cap, period, actor)
     from spendgate.onboarding import onboard_lines

@@ -102,11 +102,13 @@ class Metrics:
 class StoreCollector(Collector):
     """Budget gauges and audit write errors, read at scrape time (cached briefly)."""
 
-    def __init__(self, rt: Runtime, ttl: float = 1.0) -> None:
+    def __init__(self, rt: Runtime, ttl: float = 1.0, wait: float = 2.0) -> None:
         self.rt = rt
         self.ttl = ttl
+        self.wait = wait  # a scrape never waits longer than this for the database
         self._cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self._lock = threading.Lock()
+        self._refreshing: threading.Thread | None = None
 
     def collect(self) -> Iterable[Any]:
         spent = GaugeMetricFamily("spendgate_budget_spent_usd", "Spend this period against a cap (settled).",
@@ -123,16 +125,26 @@ class StoreCollector(Collector):
         yield errors
 
     def _budgets(self) -> list[dict[str, Any]]:
+        """Fresh values when the database answers in time; the last known ones when it does not,
+        so a hung database never makes /metrics (and so the whole gateway) look down."""
         with self._lock:
             at, rows = self._cache
-            if time.monotonic() - at < self.ttl:
+            if at and time.monotonic() - at < self.ttl:
                 return rows
-            try:
-                rows = self.rt.store.budget_status()
-            except Exception as e:
-                log.warning("metrics: cannot read budgets: %s", type(e).__name__)
-            self._cache = (time.monotonic(), rows)
-            return rows
+            if self._refreshing is None or not self._refreshing.is_alive():
+                self._refreshing = threading.Thread(target=self._refresh, name="spendgate-metrics-budgets", daemon=True)
+                self._refreshing.start()
+            worker = self._refreshing
+        worker.join(self.wait)
+        return self._cache[1]
+
+    def _refresh(self) -> None:
+        try:
+            rows = self.rt.store.budget_status()
+        except Exception as e:
+            log.warning("metrics: cannot read budgets: %s", type(e).__name__)
+            return
+        self._cache = (time.monotonic(), rows)
 
 
 class MetricsStage:

@@ -38,6 +38,7 @@ from spendgate.models import (
 from spendgate.periods import PERIODS, period_end, period_start
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+RESERVED_NAMES = frozenset({"unknown", "none"})
 
 
 class StoreError(RuntimeError):
@@ -72,7 +73,11 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
+    # Bounded waits: a database that stops answering must surface as errors (503, alerts), not hangs.
+    return sa.create_engine(
+        url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800, pool_timeout=10,
+        connect_args={"connect_timeout": 5, "options": "-c statement_timeout=30000"},
+    )
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,8 @@ class Store:
         """Mint a key; returns (key_id, full key). The full key exists only in this return value."""
         if capture_content and not capture_reason:
             raise StoreError("content capture needs a reason (--reason)")
+        if user in RESERVED_NAMES or team in RESERVED_NAMES:
+            raise StoreError(f"{sorted(RESERVED_NAMES)} are reserved (metrics use them for requests without a user or team)")
         actor = actor or default_actor()
         secret = keyfmt.new_secret()
         now = utcnow()
