@@ -91,10 +91,11 @@ class Identity:
         if parsed is None:
             return Verdict(None, 401, "spendgate_invalid_key",
                            "This is not a valid Spendgate key (expected sg_<id>_<secret>). Check the key `spendgate keys create` printed.")
-        rec = self.rt.registry.get(parsed.key_id)
-        if rec is None:
-            rec = await self._load_miss(parsed.key_id)
         now = utcnow()
+        rec = self.rt.registry.get(parsed.key_id)
+        if rec is None or not rec.matches(parsed.secret, now):
+            # Minted or rotated since the last registry poll: look again (bounded per key id).
+            rec = await self._load_miss(parsed.key_id, parsed.secret) or rec
         if rec is None or not (rec.matches(parsed.secret, now)):
             return Verdict(None, 401, "spendgate_unknown_key",
                            "Unknown Spendgate key. Ask your admin for a key (`spendgate keys create`).")
@@ -106,8 +107,9 @@ class Identity:
                            f"Spendgate key {rec.key_id} expired at {rec.expires_at.isoformat()}. Ask your admin for a new key.")
         return Verdict(rec)
 
-    async def _load_miss(self, key_id: str) -> KeyRecord | None:
-        # A key minted since the last registry poll; bounded so garbage ids cannot hammer the store.
+    async def _load_miss(self, key_id: str, secret: str) -> KeyRecord | None:
+        # A key minted or rotated since the last registry poll; at most one store look-up per key id
+        # a second, so garbage keys cannot hammer the store.
         t = self._misses.get(key_id)
         now = time.monotonic()
         if t is not None and now - t < NEGATIVE_CACHE_SECONDS:
@@ -117,7 +119,7 @@ class Identity:
         except Exception as e:
             log.warning("key lookup failed: %s", type(e).__name__)
             rec = None
-        if rec is None:
+        if rec is None or not rec.matches(secret, utcnow()):
             if len(self._misses) > 10_000:
                 self._misses.clear()
             self._misses[key_id] = now
