@@ -1,6 +1,8 @@
 """What the gateway knows about each provider: hosts, where keys sit, error shapes.
 
-Pure data and functions, no I/O. Wire formats (usage, streams) live in `spendgate.usage`.
+Pure data and functions, no I/O. Each wire family's JSON (endpoint kind, request facts, usage,
+stream events) is read by its adapter module here (openai, anthropic, gemini; interface in
+`base`), dispatched from `spendgate.usage`.
 """
 
 from __future__ import annotations
