@@ -34,6 +34,7 @@ from spendgate.runtime import Runtime
 log = logging.getLogger("spendgate.identity")
 
 NEGATIVE_CACHE_SECONDS = 1.0
+_KEY_HEADERS_B = tuple((h, h.encode()) for h in KEY_HEADERS)  # in KEY_HEADERS' order of precedence
 
 
 @dataclass(frozen=True)
@@ -238,12 +239,18 @@ class Identity:
 
     def _take_client_keys(self, flow: http.HTTPFlow) -> list[str]:
         found: list[str] = []
-        for h in KEY_HEADERS:
-            for v in flow.request.headers.get_all(h):
+        headers = flow.request.headers
+        names = {k.lower() for k, _ in headers.fields}  # one pass over the raw fields
+        for h, hb in _KEY_HEADERS_B:
+            if hb not in names:
+                continue
+            for v in headers.get_all(h):
                 v = strip_bearer(v) if h == "authorization" else v.strip()
                 if v and v not in found:
                     found.append(v)
-            flow.request.headers.pop(h, None)
+            headers.pop(h, None)
+        if "key=" not in flow.request.path:  # parsing the query costs more than this check
+            return found
         q = flow.request.query
         for p in KEY_QUERY_PARAMS:
             for v in q.get_all(p):
