@@ -141,12 +141,12 @@ def keys_create(
 
 def parse_usd(text: str) -> int:
     """USD text -> nano-USD, exactly."""
+    from spendgate.pricing import parse_amount
+
     try:
-        d = Decimal(text)
-    except Exception:
-        raise typer.BadParameter(f"{text!r} is not an amount in USD, e.g. 50 or 12.50") from None
-    if not d.is_finite() or d < 0:
-        raise typer.BadParameter(f"{text!r} must be a non-negative amount in USD")
+        d = parse_amount(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a non-negative amount in USD, e.g. 50 or 12.50") from None
     return int((d * 1_000_000_000).to_integral_value())
 
 

@@ -41,17 +41,29 @@ GENAI_PROVIDER_IDS: Mapping[str, str] = {
 }
 
 
-def _decimal(value: object) -> Decimal:
+def parse_amount(value: object) -> Decimal:
+    """A non-negative USD amount from config or CLI text; ValueError otherwise.
+
+    >>> parse_amount(2.1)
+    Decimal('2.1')
+    """
     # str() first: Decimal(2.1) would carry the float's binary error into every bill.
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
-        raise ValueError(f"not a price: {value!r}")
+        raise ValueError(f"not an amount: {value!r}")
     try:
         result = Decimal(str(value))
     except InvalidOperation:
-        raise ValueError(f"not a price: {value!r}") from None
+        raise ValueError(f"not an amount: {value!r}") from None
     if not result.is_finite() or result < 0:
-        raise ValueError(f"not a price: {value!r}")
+        raise ValueError(f"not an amount: {value!r}")
     return result
+
+
+def _price(value: object) -> Decimal:
+    try:
+        return parse_amount(value)
+    except ValueError:
+        raise ValueError(f"not a price: {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -76,10 +88,10 @@ class PriceOverride:
         if "input" not in table or "output" not in table:
             raise ValueError("a price override needs both input and output")
         return cls(
-            input=_decimal(table["input"]),
-            output=_decimal(table["output"]),
-            cache_read=_decimal(table["cache_read"]) if "cache_read" in table else None,
-            cache_write=_decimal(table["cache_write"]) if "cache_write" in table else None,
+            input=_price(table["input"]),
+            output=_price(table["output"]),
+            cache_read=_price(table["cache_read"]) if "cache_read" in table else None,
+            cache_write=_price(table["cache_write"]) if "cache_write" in table else None,
         )
 
     def cost(self, usage: Usage) -> Decimal:

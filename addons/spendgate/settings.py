@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from spendgate.pricing import PriceOverride
+from spendgate.pricing import PriceOverride, parse_amount
 from spendgate.providers import BUILTIN_PROVIDERS, ProviderSpec
 
 DEFAULT_CONFIG_NAME = "spendgate.toml"
@@ -342,15 +342,10 @@ def _posfloat(v: Any, key: str) -> float:
 
 
 def _usd_amount(v: Any, key: str) -> Decimal:
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise ConfigError(f"{key} must be an amount in USD, e.g. 100")
     try:
-        d = Decimal(str(v))
-    except InvalidOperation:
-        raise ConfigError(f"{key} must be an amount in USD, e.g. 100 (got {v!r})") from None
-    if not d.is_finite() or d < 0:
-        raise ConfigError(f"{key} must be a non-negative amount in USD")
-    return d
+        return parse_amount(v)
+    except ValueError:
+        raise ConfigError(f"{key} must be a non-negative amount in USD, e.g. 100 (got {v!r})") from None
 
 
 def _hostport(v: Any, key: str) -> HostPort:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from spendgate.providers.base import StreamState, as_count, as_limit, as_mapping, as_text, bare_path
+from spendgate.providers.base import StreamState, as_count, as_mapping, as_text, bare_path, output_limit
 from spendgate.wire import EndpointKind, Family, RequestFacts, Usage
 
 __all__ = ["ADAPTER", "AnthropicAdapter"]
@@ -23,13 +23,8 @@ class AnthropicAdapter:
 
     def request_facts(self, kind: EndpointKind, body: Mapping[str, Any], path: str) -> RequestFacts:
         # Anthropic's own name is max_tokens; OpenAI's are honoured too, so no limit goes unseen.
-        max_out = None
-        for key in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
-            if key in body and body[key] is not None:
-                max_out = body[key]
-                break
         return RequestFacts(
-            model=as_text(body.get("model")), stream=body.get("stream") is True, max_output_tokens=as_limit(max_out)
+            model=as_text(body.get("model")), stream=body.get("stream") is True, max_output_tokens=output_limit(body)
         )
 
     def usage_from_json(self, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None:

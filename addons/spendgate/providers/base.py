@@ -18,6 +18,7 @@ __all__ = [
     "WireAdapter",
     "as_count",
     "as_limit",
+    "output_limit",
     "as_mapping",
     "as_text",
     "bare_path",
@@ -110,6 +111,17 @@ def as_text(value: object) -> str | None:
 
 def as_limit(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+OUTPUT_LIMIT_KEYS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+
+
+def output_limit(body: Mapping[str, Any]) -> int | None:
+    """The first output limit a body sets, under any of the OpenAI / Anthropic names."""
+    for key in OUTPUT_LIMIT_KEYS:
+        if body.get(key) is not None:
+            return as_limit(body[key])
+    return None
 
 
 def bare_path(path: str) -> str:
