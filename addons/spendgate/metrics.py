@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spendgate.metrics")
 
-disable_created_metrics()  # `_created` series double /metrics and no dashboard uses them
+disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double /metrics and no dashboard uses them
 
 # Model latencies run from tens of milliseconds (embeddings) to minutes (long reasoning streams).
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300)
@@ -197,7 +197,8 @@ class MetricsStage:
 
 def overhead_seconds(call: Call) -> float | None:
     """Gateway time before the request leaves plus time spent settling the answer."""
-    pre = call.extra.get("t_pre")
+    pre: float | None = call.extra.get("t_pre")
     if pre is None:
         return None
-    return pre + call.extra.get("t_post", 0.0)
+    post: float = call.extra.get("t_post", 0.0)
+    return pre + post

@@ -177,24 +177,24 @@ class Pricer:
         rates: _LinearRates | None = None
         found = self._models.get(key)
         if found is not None and not isinstance(found[1].prices, list):
-            def calc(**kw: int) -> Decimal:
-                return Decimal(found[1].calc_price(Usage(**kw), found[0]).total_price)
+            def calc(u: Usage) -> Decimal:
+                return Decimal(found[1].calc_price(u, found[0]).total_price)
 
             try:
-                base = calc(input_tokens=1)
+                base = calc(Usage(input_tokens=1))
                 candidate = _LinearRates(
                     input=base,
-                    cache_read=calc(input_tokens=1, cache_read_tokens=1) - base,
-                    cache_write=calc(input_tokens=1, cache_write_tokens=1) - base,
-                    output=calc(output_tokens=1),
+                    cache_read=calc(Usage(input_tokens=1, cache_read_tokens=1)) - base,
+                    cache_write=calc(Usage(input_tokens=1, cache_write_tokens=1)) - base,
+                    output=calc(Usage(output_tokens=1)),
                 )
                 probes = (
-                    dict(input_tokens=123_457, cache_read_tokens=20_011, cache_write_tokens=3_001, output_tokens=9_871,
-                         reasoning_tokens=1_234),
-                    dict(input_tokens=7, output_tokens=3_000_001, reasoning_tokens=3_000_000),
-                    dict(input_tokens=1_500_000, cache_read_tokens=1_000_000, output_tokens=1),
+                    Usage(input_tokens=123_457, cache_read_tokens=20_011, cache_write_tokens=3_001, output_tokens=9_871,
+                          reasoning_tokens=1_234),
+                    Usage(input_tokens=7, output_tokens=3_000_001, reasoning_tokens=3_000_000),
+                    Usage(input_tokens=1_500_000, cache_read_tokens=1_000_000, output_tokens=1),
                 )
-                if all(candidate.cost(Usage(**p)) == calc(**p) for p in probes):
+                if all(candidate.cost(p) == calc(p) for p in probes):
                     rates = candidate
             except (LookupError, ValueError, ArithmeticError):
                 rates = None

@@ -24,7 +24,7 @@ log = logging.getLogger("spendgate")
 def configure_mitmproxy(opts: options.Options, settings: Settings) -> None:
     """Options exist only once the default addons are loaded, so this runs after the master is built."""
     settings.proxy.confdir.mkdir(parents=True, exist_ok=True)
-    opts.update(
+    opts.update(  # type: ignore[no-untyped-call]
         listen_host=settings.proxy.listen.host,
         listen_port=settings.proxy.listen.port,
         confdir=str(settings.proxy.confdir),
@@ -41,7 +41,7 @@ async def _run(settings: Settings) -> None:
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
     configure_mitmproxy(opts, settings)
-    master.addons.add(Pipeline(build_stages(rt)))
+    master.addons.add(Pipeline(build_stages(rt)))  # type: ignore[no-untyped-call]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, master.shutdown)

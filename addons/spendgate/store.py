@@ -357,15 +357,14 @@ class Store:
     def touch_last_used(self, used: dict[str, datetime]) -> None:
         if not used:
             return
-        with Session(self.engine) as s:
+        t = ApiKey.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
             for key_id, at in used.items():
-                s.execute(
-                    sa.update(ApiKey)
-                    .where(ApiKey.key_id == key_id)  # type: ignore[arg-type]
-                    .where(sa.or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < at))  # type: ignore[union-attr,operator]
+                conn.execute(
+                    sa.update(t)
+                    .where(t.c.key_id == key_id, sa.or_(t.c.last_used_at.is_(None), t.c.last_used_at < at))
                     .values(last_used_at=at)
                 )
-            s.commit()
 
     # -- audit log ------------------------------------------------------------
 
@@ -700,8 +699,8 @@ class Store:
     def unreported_alerts(self, kind: str, since: datetime) -> list[AlertSent]:
         """Alerts whose repeats (`count`) have not all been reported yet."""
         with Session(self.engine) as s:
-            q = select(AlertSent).where(AlertSent.kind == kind, AlertSent.sent_at >= since,
-                                        AlertSent.count > AlertSent.reported_count)  # type: ignore[operator]
+            t = AlertSent.__table__  # type: ignore[attr-defined]
+            q = select(AlertSent).where(t.c.kind == kind, t.c.sent_at >= since, t.c.count > t.c.reported_count)
             return list(s.exec(q).all())
 
     def mark_reported(self, dedupe_key: str, old_reported: int, new_reported: int) -> bool:
@@ -715,11 +714,12 @@ class Store:
     def retryable_alerts(self, now: datetime, max_attempts: int, backoff: timedelta, stale: timedelta) -> list[AlertSent]:
         """Failed deliveries due for another try, and sends left open by an instance that died."""
         with Session(self.engine) as s:
+            t = AlertSent.__table__  # type: ignore[attr-defined]
             q = select(AlertSent).where(
-                AlertSent.attempts < max_attempts,  # type: ignore[operator]
+                t.c.attempts < max_attempts,
                 sa.or_(
-                    sa.and_(AlertSent.status == "failed", AlertSent.last_at < now - backoff),  # type: ignore[operator]
-                    sa.and_(AlertSent.status == "sending", AlertSent.last_at < now - stale),  # type: ignore[operator]
+                    sa.and_(t.c.status == "failed", t.c.last_at < now - backoff),
+                    sa.and_(t.c.status == "sending", t.c.last_at < now - stale),
                 ),
             ).limit(50)
             return list(s.exec(q).all())
