@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Callable
@@ -45,6 +46,9 @@ class Budgets:
     def __init__(self, rt: Runtime, clock: Callable[[], datetime] = utcnow) -> None:
         self.rt = rt
         self.clock = clock
+        # One thread: reservations on the same cap rows serialise in the database anyway; several
+        # threads only add lock waits (SQLite's busy handler sleeps) and context switches.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spendgate-budget")
 
     async def estimate_nusd(self, call: Call) -> int:
         kind = EndpointKind(call.endpoint_kind)
@@ -73,8 +77,8 @@ class Budgets:
         now = self.clock()
         ttl = timedelta(seconds=self.rt.settings.reservation_ttl_seconds)
         try:
-            result: ReserveResult = await asyncio.to_thread(
-                self.rt.store.reserve, call.request_id, budgets, amount, now, ttl
+            result: ReserveResult = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.rt.store.reserve, call.request_id, budgets, amount, now, ttl
             )
         except Exception as e:
             log.error("budget reservation failed: %s", type(e).__name__)
