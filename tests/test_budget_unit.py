@@ -23,6 +23,7 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 from sqlalchemy import event as sa_event
 
+from spendgate.auditlog import AuditWriter
 from spendgate.holds import LiveHolds
 from spendgate.budget import REMAINING_HEADER, Budgets
 from spendgate.call import META, Call, new_request_id
@@ -361,8 +362,10 @@ class Stage:
         self.settings = parse_settings({"budgets": {"default_max_output_tokens": default_max_output_tokens}},
                                        {"OPENAI_API_KEY": "upstream-test"})
         self.registry = KeyRegistry(store)
+        self.writer = AuditWriter(store)  # reservations commit through the audit writer, as in the gateway
+        self.writer.start()
         self.rt: Any = SimpleNamespace(settings=self.settings, store=store, registry=self.registry,
-                                       pricer=Pricer(PRICES), holds=LiveHolds())
+                                       pricer=Pricer(PRICES), holds=LiveHolds(), writer=self.writer)
         self.clock = FakeClock(now)
         self.budgets = Budgets(self.rt, clock=self.clock)
         self.policy = Policy(self.rt)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from spendgate.store import Store
+from spendgate.store import ReserveRequest, ReserveResult, Store
 
 log = logging.getLogger("spendgate.audit")
 
@@ -26,11 +26,12 @@ RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
 
 @dataclass
 class _Item:
-    kind: str  # insert | update | content | settle
+    kind: str  # insert | update | content | settle | reserve
     row: dict[str, Any]
-    done: asyncio.Future[None] | None = None
+    done: asyncio.Future[Any] | None = None
     loop: asyncio.AbstractEventLoop | None = None
     attempts: int = 0
+    result: Any = None
 
 
 @dataclass
@@ -73,7 +74,7 @@ class AuditWriter:
     async def begin(self, row: dict[str, Any]) -> None:
         """Insert the "did it happen" row and wait until it is committed. Raises if it cannot be."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._put(_Item("insert", row, fut, loop))
         await fut
 
@@ -82,6 +83,13 @@ class AuditWriter:
 
     def update(self, row: dict[str, Any]) -> None:
         self._put(_Item("update", row))
+
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        """Hold a request's estimate against its caps, committed with this batch. Raises if it cannot be."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[ReserveResult] = loop.create_future()
+        self._put(_Item("reserve", {"request": request}, fut, loop))
+        return await fut
 
     def content(self, row: dict[str, Any]) -> None:
         self._put(_Item("content", row))
@@ -174,8 +182,13 @@ class AuditWriter:
         updates = [i.row for i in batch if i.kind == "update"]
         contents = [i.row for i in batch if i.kind == "content"]
         settles = [i.row for i in batch if i.kind == "settle"]
+        reserve_items = [i for i in batch if i.kind == "reserve"]
         try:
-            self._store.write_audit_batch(inserts, updates, contents, settles)
+            results = self._store.write_audit_batch(
+                inserts, updates, contents, settles, [i.row["request"] for i in reserve_items]
+            )
+            for item, result in zip(reserve_items, results):
+                item.result = result
         except Exception as e:
             self.stats.write_errors += 1
             self.stats.last_error = type(e).__name__
@@ -187,13 +200,13 @@ class AuditWriter:
             keep: list[_Item] = []
             for item in batch:
                 item.attempts += 1
-                if item.done is not None:
-                    # A request waiting for its row must not wait for a dead store: fail it now.
-                    self._resolve(item, e)
-                    with self._lock:
-                        self._pending -= 1
-                else:
+                if item.done is None:
                     keep.append(item)
+            # A request waiting for its row must not wait for a dead store: fail it now.
+            waiting = [i for i in batch if i.done is not None]
+            self._resolve_all(waiting, e)
+            with self._lock:
+                self._pending -= len(waiting)
             return keep
         if not self.healthy:
             log.info("audit: writes succeed again")
@@ -202,28 +215,32 @@ class AuditWriter:
         self.stats.batches += 1
         with self._lock:
             self._pending -= len(batch)
-        for item in batch:
-            if item.done is not None:
-                self._resolve(item, None)
+        self._resolve_all([i for i in batch if i.done is not None], None)
         return []
 
     @staticmethod
-    def _resolve(item: _Item, exc: BaseException | None) -> None:
-        fut, loop = item.done, item.loop
-        assert fut is not None and loop is not None
+    def _resolve_all(items: list[_Item], exc: BaseException | None) -> None:
+        """Wake each waiting request: one hand-over per event loop per batch, not one per row."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
+        for item in items:
+            assert item.loop is not None
+            by_loop.setdefault(item.loop, []).append(item)
 
-        def _set() -> None:
-            if fut.done():
-                return
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(AuditUnavailable(type(exc).__name__))
+        for loop, waiting in by_loop.items():
+            def _set(waiting: list[_Item] = waiting) -> None:
+                for item in waiting:
+                    fut = item.done
+                    if fut is None or fut.done():
+                        continue
+                    if exc is None:
+                        fut.set_result(item.result)
+                    else:
+                        fut.set_exception(AuditUnavailable(type(exc).__name__))
 
-        try:
-            loop.call_soon_threadsafe(_set)
-        except RuntimeError:  # loop closed during shutdown
-            pass
+            try:
+                loop.call_soon_threadsafe(_set)
+            except RuntimeError:  # loop closed during shutdown
+                pass
 
 
 class AuditUnavailable(RuntimeError):

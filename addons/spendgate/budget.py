@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Callable
@@ -21,7 +20,7 @@ from spendgate.call import Call, get_call, refuse
 from spendgate.meter import OFF_LOOP_BYTES, nano_usd
 from spendgate.models import utcnow
 from spendgate.runtime import Runtime
-from spendgate.store import ReserveResult
+from spendgate.store import ReserveRequest
 from spendgate.tokens import estimate_input_tokens
 from spendgate.usage import EndpointKind, Family, Usage
 
@@ -46,9 +45,6 @@ class Budgets:
     def __init__(self, rt: Runtime, clock: Callable[[], datetime] = utcnow) -> None:
         self.rt = rt
         self.clock = clock
-        # One thread: reservations on the same cap rows serialise in the database anyway; several
-        # threads only add lock waits (SQLite's busy handler sleeps) and context switches.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spendgate-budget")
 
     async def estimate_nusd(self, call: Call) -> int:
         kind = EndpointKind(call.endpoint_kind)
@@ -77,9 +73,7 @@ class Budgets:
         now = self.clock()
         ttl = timedelta(seconds=self.rt.settings.reservation_ttl_seconds)
         try:
-            result: ReserveResult = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.rt.store.reserve, call.request_id, budgets, amount, now, ttl
-            )
+            result = await self.rt.writer.reserve(ReserveRequest(call.request_id, tuple(budgets), amount, now, ttl))
         except Exception as e:
             log.error("budget reservation failed: %s", type(e).__name__)
             if self.rt.settings.fail_closed:

@@ -119,9 +119,13 @@ class ReserveResult:
         return self.blocked is None
 
 
-class _Refused(Exception):
-    def __init__(self, blocked: Blocked) -> None:
-        self.blocked = blocked
+@dataclass(frozen=True)
+class ReserveRequest:
+    request_id: str
+    budgets: tuple[BudgetDef, ...]
+    amount_nusd: int
+    now: datetime
+    ttl: timedelta
 
 
 @dataclass(frozen=True)
@@ -374,10 +378,12 @@ class Store:
         updates: Sequence[dict[str, Any]],
         contents: Sequence[dict[str, Any]] = (),
         settles: Sequence[dict[str, Any]] = (),
-    ) -> None:
+        reserves: Sequence[ReserveRequest] = (),
+    ) -> list[ReserveResult]:
         """One transaction for a whole batch (group commit). Updates name their row by `id`.
 
-        Budget settlements ride in the same transaction as the audit completions they belong to.
+        Budget settlements ride in the same transaction as the audit completions they belong to,
+        and reservations of requests about to go upstream share it too (returned in order).
         """
         with self.engine.begin() as conn:
             if inserts:
@@ -389,8 +395,9 @@ class Store:
                 conn.execute(_audit_update(cols), rows)
             if contents:
                 conn.execute(sa.insert(CapturedContent.__table__), list(contents))  # type: ignore[attr-defined]
-            if settles:
-                self._settle(conn, settles)
+            if settles or reserves:
+                return self._budget_ops(conn, settles, reserves)
+        return []
 
     def mark_stale_incomplete(self, older_than: datetime) -> int:
         """Rows a dead gateway left open: say so, so nobody mistakes them for in-flight requests."""
@@ -525,40 +532,29 @@ class Store:
     def reserve(
         self, request_id: str, budgets: Sequence[BudgetDef], amount_nusd: int, now: datetime, ttl: timedelta
     ) -> ReserveResult:
-        """Hold `amount_nusd` against every budget, all or none, in one transaction.
+        """Hold `amount_nusd` against every budget, all or none, in one transaction of its own.
 
-        Each hold is one conditional UPDATE (spent + reserved + amount <= cap), so concurrent
-        requests on any number of gateway instances can never jointly pass a cap. Plain SQL
-        text: this runs before every capped request and SQL construction would dominate it.
+        The gateway batches reservations with the audit writes instead (`write_audit_batch`).
         """
-        refs: list[BudgetRef] = []
-        remaining: int | None = None
-        try:
-            with self.engine.begin() as conn:
-                # Rows are always locked in budget-id order (here and in _settle): no deadlocks on PostgreSQL.
-                for b in sorted(budgets, key=lambda x: x.id):
-                    start = period_start(b.period, now)
-                    key = {"b": b.id, "ps": start}
-                    conn.execute(_ENSURE_SPEND, key)
-                    r = conn.execute(_HOLD, {**key, "amt": amount_nusd})
-                    row = conn.execute(_HELD, key).one()
-                    if r.rowcount != 1:
-                        raise _Refused(Blocked(b.scope, b.name, b.period, int(row.spent_nusd), int(row.reserved_nusd),
-                                               int(row.cap), period_end(b.period, now)))
-                    left = int(row.cap) - int(row.spent_nusd) - int(row.reserved_nusd)
-                    remaining = left if remaining is None else min(remaining, left)
-                    if amount_nusd:
-                        conn.execute(_RESERVE, {**key, "rid": request_id, "amt": amount_nusd, "exp": now + ttl})
-                    refs.append(BudgetRef(b.id, start))
-        except _Refused as e:
-            return ReserveResult((), None, e.blocked)
-        return ReserveResult(tuple(refs), remaining)
+        with self.engine.begin() as conn:
+            return self._budget_ops(conn, [], [ReserveRequest(request_id, tuple(budgets), amount_nusd, now, ttl)])[0]
 
     def _ensure_spend_row(self, conn: Any, budget_id: int, start: datetime) -> None:
         conn.execute(_ENSURE_SPEND, {"b": budget_id, "ps": start})
 
-    def _settle(self, conn: Any, settles: Sequence[dict[str, Any]]) -> None:
-        """Replace each request's reservations by its actual cost (0 when it failed)."""
+    def _budget_ops(
+        self, conn: Any, settles: Sequence[dict[str, Any]], reserves: Sequence[ReserveRequest]
+    ) -> list[ReserveResult]:
+        """Settlements and reservations of one batch, in one pass over the budget rows.
+
+        Each hold is one conditional UPDATE (spent + reserved + amount <= cap), so concurrent
+        requests on any number of gateway instances can never jointly pass a cap. Rows are
+        visited in (budget, period) order, so two instances' batches cannot deadlock on
+        PostgreSQL. A request refused by one of its caps gives back the holds it already took
+        (rows this transaction has locked), so a reservation is all or none.
+        Plain SQL text: this runs for every capped request.
+        """
+        # Settlements: replace reservations by actual cost (0 when the request failed).
         deltas: dict[tuple[int, datetime], list[int]] = {}  # (budget, period) -> [held, actual]
         for st in settles:
             held = {int(r.budget_id): int(r.amount_nusd) for r in conn.execute(_HELD_BY, {"rid": st["request_id"]})}
@@ -568,11 +564,52 @@ class Store:
                 d = deltas.setdefault((ref.budget_id, ref.period_start), [0, 0])
                 d[0] += held.get(ref.budget_id, 0)
                 d[1] += st["actual_nusd"]
-        # One update per budget row, in the same lock order as reserve().
-        for (budget_id, start), (held_sum, actual_sum) in sorted(deltas.items()):
-            key = {"b": budget_id, "ps": start}
+        # Reservations: which rows each request needs.
+        wants: dict[tuple[int, datetime], list[int]] = {}  # row -> indexes of requests holding on it
+        budget_of: dict[tuple[int, int], BudgetDef] = {}
+        for i, rq in enumerate(reserves):
+            for b in rq.budgets:
+                row = (b.id, period_start(b.period, rq.now))
+                wants.setdefault(row, []).append(i)
+                budget_of[(i, b.id)] = b
+        held_rows: list[list[tuple[int, datetime]]] = [[] for _ in reserves]
+        blocked: list[Blocked | None] = [None] * len(reserves)
+        remaining: list[int | None] = [None] * len(reserves)
+        for row in sorted(set(deltas) | set(wants)):
+            key = {"b": row[0], "ps": row[1]}
             conn.execute(_ENSURE_SPEND, key)
-            conn.execute(_SETTLE, {**key, "held": held_sum, "actual": actual_sum})
+            if row in deltas:
+                held_sum, actual_sum = deltas[row]
+                conn.execute(_SETTLE, {**key, "held": held_sum, "actual": actual_sum})
+            for i in wants.get(row, ()):
+                if blocked[i] is not None:
+                    continue
+                rq = reserves[i]
+                r = conn.execute(_HOLD, {**key, "amt": rq.amount_nusd})
+                now_row = conn.execute(_HELD, key).one()
+                if r.rowcount != 1:
+                    b = budget_of[(i, row[0])]
+                    blocked[i] = Blocked(b.scope, b.name, b.period, int(now_row.spent_nusd),
+                                         int(now_row.reserved_nusd), int(now_row.cap), period_end(b.period, rq.now))
+                    for earlier in held_rows[i]:  # all or none
+                        conn.execute(_SETTLE, {"b": earlier[0], "ps": earlier[1], "held": rq.amount_nusd, "actual": 0})
+                    held_rows[i] = []
+                    continue
+                left = int(now_row.cap) - int(now_row.spent_nusd) - int(now_row.reserved_nusd)
+                remaining[i] = left if remaining[i] is None else min(left, remaining[i] or 0)
+                held_rows[i].append(row)
+        results: list[ReserveResult] = []
+        for i, rq in enumerate(reserves):
+            if blocked[i] is not None:
+                results.append(ReserveResult((), None, blocked[i]))
+                continue
+            if rq.amount_nusd:
+                for b_id, start in held_rows[i]:
+                    conn.execute(_RESERVE, {"b": b_id, "ps": start, "rid": rq.request_id, "amt": rq.amount_nusd,
+                                            "exp": rq.now + rq.ttl})
+            refs = tuple(BudgetRef(b_id, start) for b_id, start in held_rows[i])
+            results.append(ReserveResult(refs, remaining[i]))
+        return results
 
     def extend_reservations(self, request_ids: Sequence[str], until: datetime) -> None:
         """Keep the holds of requests still running: only a dead instance's reservations expire."""
@@ -591,6 +628,7 @@ class Store:
                 sa.select(rt.c.request_id, rt.c.budget_id, rt.c.period_start, rt.c.amount_nusd)
                 .where(rt.c.expires_at < now).limit(1000)
             ).all()
+            rows = sorted(rows, key=lambda r: (r.budget_id, r.period_start))  # the batches' lock order
             for r in rows:
                 d = conn.execute(sa.delete(rt).where(rt.c.request_id == r.request_id, rt.c.budget_id == r.budget_id))
                 if d.rowcount == 1:  # whoever deletes it releases it, exactly once
