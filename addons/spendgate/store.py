@@ -585,9 +585,9 @@ class Store:
                 if blocked[i] is not None:
                     continue
                 rq = reserves[i]
-                r = conn.execute(_HOLD, {**key, "amt": rq.amount_nusd})
-                now_row = conn.execute(_HELD, key).one()
-                if r.rowcount != 1:
+                now_row = conn.execute(_HOLD, {**key, "amt": rq.amount_nusd}).first()
+                if now_row is None:  # the cap would be passed: read why, for the message
+                    now_row = conn.execute(_HELD, key).one()
                     b = budget_of[(i, row[0])]
                     blocked[i] = Blocked(b.scope, b.name, b.period, int(now_row.spent_nusd),
                                          int(now_row.reserved_nusd), int(now_row.cap), period_end(b.period, rq.now))
@@ -889,7 +889,8 @@ _HOLD = sa.text(
     "UPDATE budget_spend SET reserved_nusd = reserved_nusd + :amt "
     "WHERE budget_id = :b AND period_start = :ps "
     "AND spent_nusd + reserved_nusd + :amt <= (SELECT cap_nusd FROM budgets WHERE id = :b) "
-    "AND spent_nusd + reserved_nusd < (SELECT cap_nusd FROM budgets WHERE id = :b)"
+    "AND spent_nusd + reserved_nusd < (SELECT cap_nusd FROM budgets WHERE id = :b) "
+    "RETURNING spent_nusd, reserved_nusd, (SELECT cap_nusd FROM budgets WHERE id = :b) AS cap"
 ).bindparams(_ts_param("ps"))
 _HELD = sa.text(
     "SELECT s.spent_nusd, s.reserved_nusd, b.cap_nusd AS cap FROM budget_spend s JOIN budgets b ON b.id = s.budget_id "
