@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
@@ -87,9 +88,9 @@ def gateway(gateway_factory: Callable[..., GatewayProcess]) -> GatewayProcess:
     return gateway_factory()
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database (dropped afterwards) as a SQLAlchemy URL."""
+@contextlib.contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A new PostgreSQL database (dropped afterwards) as a SQLAlchemy URL; skips when PostgreSQL is absent."""
     try:
         import psycopg
     except ImportError:
@@ -107,3 +108,22 @@ def pg_url() -> Iterator[str]:
         finally:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
             admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (dropped afterwards) as a SQLAlchemy URL."""
+    with fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pg_module_url() -> Iterator[str]:
+    """One migrated PostgreSQL database for a module (creating one per test costs a second each)."""
+    from spendgate.store import Store
+
+    with fresh_pg_database() as url:
+        s = Store(url)
+        s.upgrade()
+        s.close()
+        yield url

@@ -4,11 +4,9 @@ injected clock, and the provider backstop against the mock's cost APIs."""
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -35,7 +33,6 @@ from tests.rig.slack_mock import SlackMock
 UTC = timezone.utc
 NANO = 1_000_000_000
 CENT = 10_000_000
-PG_ADMIN_URL = os.environ.get("SPENDGATE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEEP_TABLES = {"alembic_version", "registry_version"}
 NOW = datetime(2026, 11, 25, 13, 30, tzinfo=UTC)
 
@@ -45,28 +42,6 @@ def utc(*a: int) -> datetime:
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def pg_module_url() -> Iterator[str]:
-    try:
-        import psycopg
-
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except Exception:  # noqa: BLE001
-        pytest.skip("PostgreSQL not reachable")
-    name = f"spendgate_test_{uuid.uuid4().hex[:12]}"
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            s = Store(f"{base}/{name}")
-            s.upgrade()
-            s.close()
-            yield f"{base}/{name}"
-        finally:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

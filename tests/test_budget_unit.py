@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -59,32 +57,7 @@ BOUNDARIES = [
 # ----------------------------------------------------------------------------- fixtures
 
 
-PG_ADMIN_URL = os.environ.get("SPENDGATE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEEP_TABLES = {"alembic_version", "registry_version"}
-
-
-@pytest.fixture(scope="module")
-def pg_module_url() -> Iterator[str]:
-    """One migrated PostgreSQL database for this module (emptied before each test that uses it):
-    creating a database per test costs a second each."""
-    try:
-        import psycopg
-
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except Exception:  # noqa: BLE001
-        pytest.skip("PostgreSQL not reachable")
-    name = f"spendgate_test_{uuid.uuid4().hex[:12]}"
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            s = Store(f"{base}/{name}")
-            s.upgrade()
-            s.close()
-            yield f"{base}/{name}"
-        finally:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 def _empty_pg(s: Store) -> None:
