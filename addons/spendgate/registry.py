@@ -79,10 +79,6 @@ class KeyRegistry:
         found = [b.get(("user", user)), b.get(("team", team)) if team else None, b.get(("global", "global"))]
         return [x for x in found if x is not None]
 
-    @property
-    def budgets(self) -> list[BudgetDef]:
-        return list(self._budgets.values())
-
     def get(self, key_id: str) -> KeyRecord | None:
         return self._keys.get(key_id)
 

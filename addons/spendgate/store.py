@@ -539,9 +539,6 @@ class Store:
         with self.engine.begin() as conn:
             return self._budget_ops(conn, [], [ReserveRequest(request_id, tuple(budgets), amount_nusd, now, ttl)])[0]
 
-    def _ensure_spend_row(self, conn: Any, budget_id: int, start: datetime) -> None:
-        conn.execute(_ENSURE_SPEND, {"b": budget_id, "ps": start})
-
     def _budget_ops(
         self, conn: Any, settles: Sequence[dict[str, Any]], reserves: Sequence[ReserveRequest]
     ) -> list[ReserveResult]:
@@ -640,11 +637,6 @@ class Store:
         return n
 
     # -- admin events ---------------------------------------------------------
-
-    def record_admin_event(self, actor: str, action: str, target: str, before: Any, after: Any) -> None:
-        with Session(self.engine) as s:
-            self._event(s, actor, action, target, before, after)
-            s.commit()
 
     def admin_events(self, since: datetime | None = None, until: datetime | None = None, limit: int = 100) -> list[AdminEvent]:
         with Session(self.engine) as s:
