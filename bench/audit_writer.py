@@ -181,27 +181,12 @@ def check(store: Any) -> None:
 
 @contextmanager
 def pg_database() -> Iterator[str | None]:
-    try:
-        import psycopg
-    except ImportError:
-        print("  postgresql: skipped (psycopg not installed)")
-        yield None
-        return
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
-    except Exception as e:  # noqa: BLE001
-        print(f"  postgresql: skipped, not reachable at {PG_ADMIN} ({type(e).__name__})")
-        yield None
-        return
-    name = f"bench_{os.getpid()}"
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{base}/{name}"
-        finally:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    from tests.rig.pg import throwaway_database
+
+    with throwaway_database("bench", PG_ADMIN) as url:
+        if url is None:
+            print(f"  postgresql: skipped, not reachable at {PG_ADMIN}")
+        yield url
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,23 +59,12 @@ def load_avg() -> str:
 @contextmanager
 def postgres_db() -> Iterator[str | None]:
     """A throwaway PostgreSQL database URL, or None when no server answers."""
-    try:
-        import psycopg
+    from tests.rig.pg import throwaway_database
 
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except Exception as e:  # noqa: BLE001
-        print(f"(PostgreSQL not reachable at {PG_ADMIN_URL}: {type(e).__name__}; its figures are skipped)")
-        yield None
-        return
-    name = f"spendgate_bench_{uuid.uuid4().hex[:10]}"
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{base}/{name}"
-        finally:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    with throwaway_database("spendgate_bench", PG_ADMIN_URL) as url:
+        if url is None:
+            print(f"(PostgreSQL not reachable at {PG_ADMIN_URL}; its figures are skipped)")
+        yield url
 
 
 # =========================================================================== 1. store level

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,8 @@ if str(_REPO_ROOT) not in sys.path:  # so `from tests.rig import …` works howe
 
 from tests.rig.gateway import GatewayProcess  # noqa: E402
 from tests.rig.mock_provider import MockProvider  # noqa: E402
+from tests.rig.pg import PG_ADMIN_URL, throwaway_database  # noqa: E402,F401 - PG_ADMIN_URL is used by tests
 
-PG_ADMIN_URL = os.environ.get("SPENDGATE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -91,23 +89,10 @@ def gateway(gateway_factory: Callable[..., GatewayProcess]) -> GatewayProcess:
 @contextlib.contextmanager
 def fresh_pg_database() -> Iterator[str]:
     """A new PostgreSQL database (dropped afterwards) as a SQLAlchemy URL; skips when PostgreSQL is absent."""
-    try:
-        import psycopg
-    except ImportError:
-        pytest.skip("psycopg not installed")
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except Exception:  # noqa: BLE001
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
-    name = f"spendgate_test_{uuid.uuid4().hex[:12]}"
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{base}/{name}"
-        finally:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    with throwaway_database() as url:
+        if url is None:
+            pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
+        yield url
 
 
 @pytest.fixture

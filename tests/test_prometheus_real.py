@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,13 +38,13 @@ import pytest
 
 from tests.rig.gateway import GatewayProcess, free_port
 from tests.rig.mock_provider import MockProvider
+from tests.rig.pg import throwaway_database
 from tests.test_dashboards import (
     PROMETHEUS_YML, RULES_YML, comparison_lhs, load_dashboards, load_yaml, panel_targets, parse_label_values,
     substitute, without_fallback,
 )
 from tests.test_metrics_e2e import create_fleet, drive_mix, mistral_unreachable_override, wait_settled
 
-PG_ADMIN_URL = os.environ.get("SPENDGATE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 # The drill-down is checked for a user with a cap, a team, spend, tokens and blocks.
 PREFERRED = {"user": "bob"}
 # No Slack alert is sent in this test, so this counter has no series: its stat panel shows the
@@ -150,26 +148,6 @@ def _value(sample: dict[str, Any]) -> float:
 # --------------------------------------------------------------------------- fixtures
 
 
-def _pg_database() -> Iterator[str | None]:
-    """A fresh PostgreSQL database for the module (None when no server answers)."""
-    try:
-        import psycopg
-
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except Exception:  # noqa: BLE001 - no PostgreSQL: one instance on SQLite instead
-        yield None
-        return
-    name = f"spendgate_test_{uuid.uuid4().hex[:12]}"
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{base}/{name}"
-        finally:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-
-
 class Setup:
     def __init__(self, prom: Prometheus, gws: list[GatewayProcess], rows: list[dict[str, Any]]) -> None:
         self.prom, self.gws, self.rows = prom, gws, rows
@@ -179,8 +157,8 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory, _mock_provider_session: MockProvider) -> Iterator[Setup]:
     binary = _prometheus_binary()
     job = next(j for j in load_yaml(PROMETHEUS_YML)["scrape_configs"] if j["job_name"] == "spendgate")
-    db = _pg_database()
-    db_url = next(db)
+    db = throwaway_database()  # None: no PostgreSQL, one instance on SQLite instead
+    db_url = db.__enter__()
     gws: list[GatewayProcess] = []
     prom: Prometheus | None = None
     try:
@@ -208,7 +186,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, _mock_provider_session: Mock
             prom.stop()
         for g in gws:
             g.stop()
-        next(db, None)
+        db.__exit__(None, None, None)
 
 
 @pytest.fixture(autouse=True)
