@@ -355,7 +355,7 @@ class Stage:
         f.request.content = json.dumps(body).encode()
         f.metadata[META] = Call(request_id=new_request_id(), provider=self.settings.provider("openai"),
                                 host="api.openai.com", key=key)
-        self.policy.request(f)
+        asyncio.run(self.policy.request(f))
         if f.response is None:  # (a request the policy stage refuses never reaches the budget stage)
             asyncio.run(self.budgets.request(f))
         return f

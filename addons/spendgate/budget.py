@@ -16,8 +16,8 @@ from typing import Callable
 
 from mitmproxy import http
 
-from spendgate.call import Call, get_call, refuse
-from spendgate.meter import OFF_LOOP_BYTES, nano_usd
+from spendgate.call import OFF_LOOP_BYTES, Call, get_call, refuse
+from spendgate.meter import nano_usd
 from spendgate.models import utcnow
 from spendgate.runtime import Runtime
 from spendgate.store import ReserveRequest

@@ -17,6 +17,7 @@ from spendgate.settings import ProviderSettings
 
 META = "spendgate"
 REQUEST_ID_HEADER = "x-spendgate-request-id"
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed / counted in a worker thread
 
 
 def new_request_id() -> str:

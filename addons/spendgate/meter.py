@@ -11,14 +11,13 @@ from typing import Any
 
 from mitmproxy import http
 
-from spendgate.call import Call, get_call
+from spendgate.call import OFF_LOOP_BYTES, Call, get_call
 from spendgate.pricing import Pricer
 from spendgate.outcome import client_gone
 from spendgate.runtime import Runtime
 from spendgate.tokens import count_text, estimate_input_tokens
 from spendgate.usage import EndpointKind, Family, StreamTap, Usage, UsageSource, add_include_usage, usage_from_json
 
-OFF_LOOP_BYTES = 64 * 1024  # parse / count larger bodies in a worker thread
 CAPTURE_LIMIT = 4 * 1024 * 1024
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import re
@@ -9,11 +10,18 @@ from typing import Any
 
 from mitmproxy import http
 
-from spendgate.call import get_call, refuse
+from spendgate.call import OFF_LOOP_BYTES, get_call, refuse
 from spendgate.runtime import Runtime
 from spendgate.usage import EndpointKind, Family, endpoint_kind_for, request_facts
 
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 class Policy:
@@ -30,7 +38,7 @@ class Policy:
             refuse(flow, call, 413, "spendgate_request_too_large",
                    f"Request body is {length} bytes; this gateway accepts at most {limit}.", "blocked_policy")
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)
         if call is None or flow.response is not None:
             return
@@ -48,10 +56,9 @@ class Policy:
         call.endpoint_kind = kind.value
         body: dict[str, Any] | None = None
         if kind is not EndpointKind.OTHER:
-            try:
-                parsed = json.loads(flow.request.get_content(strict=False) or b"")
-            except (ValueError, UnicodeDecodeError):
-                parsed = None
+            raw = flow.request.get_content(strict=False) or b""
+            # A large body (up to max_request_bytes) would stall every other request while it parses.
+            parsed = await asyncio.to_thread(_parse_json, raw) if len(raw) > OFF_LOOP_BYTES else _parse_json(raw)
             if not isinstance(parsed, dict):
                 refuse(flow, call, 400, "spendgate_invalid_json",
                        "The request body is not a JSON object; nothing was sent to the provider.", "blocked_policy")
