@@ -184,3 +184,42 @@ def test_begin_stays_fast_during_a_long_outage_and_after_it(writer: AuditWriter,
     t0 = time.monotonic()
     asyncio.run(writer.begin(row()))
     assert time.monotonic() - t0 < 1.0, f"begin took {time.monotonic() - t0:.2f}s with the store back"
+
+
+async def _begin_all(writer: AuditWriter, rows: list[dict[str, Any]]) -> list[BaseException | None]:
+    got = await asyncio.gather(*(writer.begin(r) for r in rows), return_exceptions=True)
+    return [g if isinstance(g, BaseException) else None for g in got]
+
+
+def _salvage_case(writer: AuditWriter, store: Store, bad: dict[str, Any]) -> None:
+    """One row the store rejects, begun in the same group commit as good rows: every request gets
+    its row committed (none is refused), and the bad row keeps its identity without the bad field."""
+    good = [row() for _ in range(20)]
+    results = asyncio.run(_begin_all(writer, [*good[:10], bad, *good[10:]]))
+    assert results == [None] * 21, results
+    with store.engine.connect() as conn:
+        got = {r.id: r for r in conn.execute(sa.text("SELECT id, model_requested, user_agent, error FROM audit_log"))}
+    assert {r["id"] for r in good} <= set(got)
+    saved = got[bad["id"]]
+    assert saved.error and "rejected by the store" in saved.error
+    assert saved.model_requested is None and saved.user_agent is None
+    assert writer.stats.write_errors >= 1
+
+
+def test_a_row_sqlite_cannot_encode_is_saved_without_it(writer: AuditWriter, store: Store) -> None:
+    # The stages fit rows before they get here; this proves the writer does not depend on it.
+    _salvage_case(writer, store, row(user_agent="ua \ud800 lone surrogate"))
+
+
+@pytest.mark.postgres
+def test_a_row_postgresql_rejects_is_saved_without_it(pg_url: str) -> None:
+    s = Store(pg_url)
+    s.upgrade()
+    w = AuditWriter(s)
+    w.start()
+    try:
+        _salvage_case(w, s, row(model_requested="m" * 5000))
+        _salvage_case(w, s, row(model_requested="nul \x00 byte"))
+    finally:
+        w.stop()
+        s.close()

@@ -134,8 +134,6 @@ class AuditWriter:
             if not batch:
                 continue
             retry = self._commit(batch)
-            if retry and len(retry) > 1 and min(i.attempts for i in retry) >= 3 and self._store_alive():
-                retry = self._isolate(retry)
             if retry:
                 delay = RETRY_DELAYS[min(max(i.attempts for i in retry) - 1, len(RETRY_DELAYS) - 1)]
                 if stopping and max(i.attempts for i in retry) >= len(RETRY_DELAYS):
@@ -168,46 +166,31 @@ class AuditWriter:
         except Exception:
             return False
 
-    def _isolate(self, items: list[_Item]) -> list[_Item]:
-        """The store answers but the batch keeps failing: one row is bad. Commit rows singly, drop the bad."""
-        for item in items:
-            if self._commit([item]):
-                log.error("audit: dropping a %s row that the store rejects (request %s)", item.kind, item.row.get("id") or item.row.get("request_id"))
-                with self._lock:
-                    self._pending -= 1
-        return []
-
-    def _commit(self, batch: list[_Item]) -> list[_Item]:
+    def _write(self, batch: list[_Item]) -> None:
         inserts = [i.row for i in batch if i.kind == "insert"]
         updates = [i.row for i in batch if i.kind == "update"]
         contents = [i.row for i in batch if i.kind == "content"]
         settles = [i.row for i in batch if i.kind == "settle"]
         reserve_items = [i for i in batch if i.kind == "reserve"]
+        results = self._store.write_audit_batch(
+            inserts, updates, contents, settles, [i.row["request"] for i in reserve_items]
+        )
+        for item, result in zip(reserve_items, results):
+            item.result = result
+
+    def _commit(self, batch: list[_Item]) -> list[_Item]:
+        """Commit a batch; returns the items to try again later (the store is down)."""
         try:
-            results = self._store.write_audit_batch(
-                inserts, updates, contents, settles, [i.row["request"] for i in reserve_items]
-            )
-            for item, result in zip(reserve_items, results):
-                item.result = result
+            self._write(batch)
         except Exception as e:
-            self.stats.write_errors += 1
-            self.stats.last_error = type(e).__name__
-            if self.healthy:
-                log.error("audit: write failed (%s); retrying", type(e).__name__)
-            self.healthy = False
-            for cb in self.stats.on_error:
-                cb(type(e).__name__)
-            keep: list[_Item] = []
-            for item in batch:
-                item.attempts += 1
-                if item.done is None:
-                    keep.append(item)
-            # A request waiting for its row must not wait for a dead store: fail it now.
-            waiting = [i for i in batch if i.done is not None]
-            self._resolve_all(waiting, e)
-            with self._lock:
-                self._pending -= len(waiting)
-            return keep
+            if self._store_alive():
+                # The store answers, so some row is bad: one row must not cost the others theirs.
+                return self._isolate(batch, e)
+            return self._store_down(batch, e)
+        self._committed(batch)
+        return []
+
+    def _committed(self, batch: list[_Item]) -> None:
         if not self.healthy:
             log.info("audit: writes succeed again")
         self.healthy = True
@@ -216,6 +199,58 @@ class AuditWriter:
         with self._lock:
             self._pending -= len(batch)
         self._resolve_all([i for i in batch if i.done is not None], None)
+
+    def _store_down(self, batch: list[_Item], e: Exception) -> list[_Item]:
+        self._count_error(e)
+        if self.healthy:
+            log.error("audit: write failed (%s); retrying", type(e).__name__)
+        self.healthy = False
+        keep: list[_Item] = []
+        for item in batch:
+            item.attempts += 1
+            if item.done is None:
+                keep.append(item)
+        # A request waiting for its row must not wait for a dead store: fail it now.
+        waiting = [i for i in batch if i.done is not None]
+        self._resolve_all(waiting, e)
+        with self._lock:
+            self._pending -= len(waiting)
+        return keep
+
+    def _count_error(self, e: Exception) -> None:
+        self.stats.write_errors += 1
+        self.stats.last_error = type(e).__name__
+        for cb in self.stats.on_error:
+            cb(type(e).__name__)
+
+    def _isolate(self, batch: list[_Item], first: Exception) -> list[_Item]:
+        """Commit the batch's items one by one; a row the store still rejects is written without
+        the fields it rejects (and says so), never dropped."""
+        self._count_error(first)
+        for n, item in enumerate(batch):
+            try:
+                self._write([item])
+            except Exception as e:
+                salvaged = _salvage(item, e)
+                try:
+                    if salvaged is None:
+                        raise
+                    self._write([salvaged])
+                except Exception as e2:
+                    if not self._store_alive():
+                        return self._store_down(batch[n:], e2)
+                    log.error("audit: the store rejects a %s item even without its optional fields (%s; request %s)",
+                              item.kind, type(e2).__name__, item.row.get("id") or item.row.get("request_id"))
+                    self._count_error(e2)
+                    with self._lock:
+                        self._pending -= 1
+                    if item.done is not None:
+                        self._resolve_all([item], e2)
+                    continue
+                log.error("audit: a %s row was rejected by the store (%s); written without its optional fields "
+                          "(request %s)", item.kind, type(e).__name__, item.row.get("id") or item.row.get("request_id"))
+                item.result = salvaged.result
+            self._committed([item])
         return []
 
     @staticmethod
@@ -241,6 +276,27 @@ class AuditWriter:
                 loop.call_soon_threadsafe(_set)
             except RuntimeError:  # loop closed during shutdown
                 pass
+
+
+# The columns an audit row cannot do without; other text may be nulled to save the row.
+_REQUIRED = frozenset({"id", "started_at", "provider", "host", "method", "path", "endpoint_kind", "outcome", "instance_id"})
+
+
+def _salvage(item: _Item, e: Exception) -> _Item | None:
+    """The item with its free-text fields nulled and the reason in `error`; None if nothing can be dropped."""
+    if item.kind in ("insert", "update"):
+        row = {k: (None if isinstance(v, str) and k not in _REQUIRED else v) for k, v in item.row.items()}
+        for k in _REQUIRED & row.keys():
+            value = row[k]
+            if isinstance(value, str):
+                row[k] = value.encode("ascii", "replace").decode().replace("\x00", "")[: 16 if k == "method" else 200]
+        row["error"] = f"audit fields rejected by the store ({type(e).__name__}); they were left out"
+        return _Item(item.kind, row, item.done, item.loop, item.attempts)
+    if item.kind == "content":
+        row = dict(item.row, request_body=None, response_body=None,
+                   reason=f"{str(item.row.get('reason', ''))[:200]} (content rejected by the store: {type(e).__name__})")
+        return _Item(item.kind, row, item.done, item.loop, item.attempts)
+    return None
 
 
 class AuditUnavailable(RuntimeError):

@@ -358,7 +358,7 @@ AUDIT_COLUMNS = [
     "model_requested", "model_reported", "stream", "status_code", "outcome", "input_tokens", "output_tokens",
     "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "usage_source", "cost_usd", "latency_ms",
     "ttft_ms", "request_bytes", "response_bytes", "client_addr", "user_agent", "upstream_request_id", "error",
-    "content_captured",
+    "content_captured", "cut_fields",
 ]
 AUDIT_TABLE_COLUMNS = ["started_at", "user", "provider", "model_requested", "outcome", "status_code", "input_tokens",
                        "output_tokens", "usage_source", "cost_usd", "latency_ms", "id"]

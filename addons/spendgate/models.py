@@ -128,6 +128,7 @@ class AuditRecord(SQLModel, table=True):
     error: Optional[str] = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     content_captured: bool = False
     instance_id: Optional[str] = Field(default=None, sa_column=sa.Column(sa.String(40), nullable=True))
+    cut_fields: Optional[str] = Field(default=None, sa_column=sa.Column(sa.String(200), nullable=True))
 
 
 class CapturedContent(SQLModel, table=True):

@@ -818,7 +818,7 @@ _AUDIT_DEFAULTS: dict[str, Any] = {
     "stream": False, "status_code": None, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
     "cache_write_tokens": 0, "reasoning_tokens": 0, "usage_source": None, "cost_nusd": None, "latency_ms": None,
     "ttft_ms": None, "request_bytes": 0, "response_bytes": 0, "client_addr": None, "user_agent": None,
-    "upstream_request_id": None, "error": None, "content_captured": False, "instance_id": None,
+    "upstream_request_id": None, "error": None, "content_captured": False, "instance_id": None, "cut_fields": None,
 }
 
 
