@@ -18,7 +18,7 @@ from mitmproxy import ctx, exceptions  # noqa: E402
 from spendgate.pipeline import Pipeline  # noqa: E402
 from spendgate.runtime import Runtime  # noqa: E402
 from spendgate.settings import ConfigError, load_settings  # noqa: E402
-from spendgate.stages import build_stages  # noqa: E402
+from spendgate.stages import build_stages, install_edge  # noqa: E402
 
 
 class SpendgateScript:
@@ -47,6 +47,7 @@ class SpendgateScript:
             self.rt.stop()
         self.rt = Runtime.build(settings)
         self.rt.start()
+        install_edge(settings)
         self.pipeline = Pipeline(build_stages(self.rt))
 
     def done(self) -> None:
@@ -65,6 +66,9 @@ class SpendgateScript:
 
     async def tls_start_server(self, data: Any) -> None:
         await self._run("tls_start_server", data)
+
+    async def server_connect(self, data: Any) -> None:
+        await self._run("server_connect", data)
 
     async def http_connect(self, flow: Any) -> None:
         await self._run("http_connect", flow)

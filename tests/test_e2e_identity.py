@@ -43,9 +43,12 @@ def basic(user: str, password: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory, _mock_provider_session: MockProvider) -> Iterator[GatewayProcess]:
+def gw(tmp_path_factory: pytest.TempPathFactory, _mock_provider_session: MockProvider,
+       origin: OriginServer) -> Iterator[GatewayProcess]:
+    # The loopback origin stands in for a public host: loopback tunnels are refused unless named.
+    allowed = [f"127.0.0.1:{origin.port}", f"localhost:{origin.port}"]
     g = GatewayProcess(tmp_path_factory.mktemp("e2e-identity"), _mock_provider_session.url, name="identity",
-                       overrides={"proxy": {"max_request_bytes": MAX_BYTES}})
+                       overrides={"proxy": {"max_request_bytes": MAX_BYTES, "allow_destinations": allowed}})
     g.start()
     yield g
     g.stop()

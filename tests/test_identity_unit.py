@@ -1,4 +1,5 @@
-"""spendgate.identity: proxy credentials parsing, and the Identity stage driven with tflow flows.
+"""spendgate.identity: proxy credentials parsing, and the Identity stage driven with tflow flows
+(behind Routing, which makes the per-request Call, and before Forward, which sets the upstream key).
 
 mitmproxy style: no process, no network; the stage gets a small runtime whose registry is a dict.
 """
@@ -18,9 +19,12 @@ from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
 from spendgate.call import META, REQUEST_ID_HEADER, Call
+from spendgate.forward import Forward
 from spendgate.identity import Identity, ProxyCred, parse_proxy_authorization
 from spendgate.keys import KeyRecord, hash_secret
 from spendgate.providers import HostMatcher
+from spendgate.redaction import Redactor
+from spendgate.routing import Routing, connect_targets
 from spendgate.runtime import Runtime
 from spendgate.settings import parse_settings
 
@@ -126,7 +130,25 @@ class FakeRegistry:
         self.used.append(key_id)
 
 
-def make_identity(block_other_hosts: bool = False, upstream: dict[str, str] | None = None) -> tuple[Identity, FakeRegistry]:
+class Stages:
+    """Routing (which builds the per-request Call), Identity, then Forward (which sets the upstream
+    key), as the pipeline runs them for one request."""
+
+    def __init__(self, identity: Identity, routing: Routing, forward: Forward) -> None:
+        self.identity, self.routing, self.forward = identity, routing, forward
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        self.routing.http_connect(flow)
+        await self.identity.http_connect(flow)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.routing.requestheaders(flow)
+        await self.identity.requestheaders(flow)
+        if flow.response is None:
+            self.forward.request(flow)
+
+
+def make_identity(block_other_hosts: bool = False, upstream: dict[str, str] | None = None) -> tuple[Stages, FakeRegistry]:
     past = datetime.now(timezone.utc) - timedelta(days=1)
     reg = FakeRegistry({
         "alice001": _rec("alice001"),
@@ -143,7 +165,7 @@ def make_identity(block_other_hosts: bool = False, upstream: dict[str, str] | No
     hosts = {h: p.name for p in settings.providers for h in p.hosts}
     rt: Any = types.SimpleNamespace(settings=settings, registry=reg, hosts=HostMatcher(hosts))
     rt.provider_for_host = types.MethodType(Runtime.provider_for_host, rt)
-    return Identity(rt), reg
+    return Stages(Identity(rt), Routing(rt.provider_for_host, connect_targets()), Forward(Redactor([]))), reg
 
 
 def request(host: str, path: str = "/v1/chat/completions", headers: dict[str, str] | None = None,
@@ -152,7 +174,9 @@ def request(host: str, path: str = "/v1/chat/completions", headers: dict[str, st
                       headers=http.Headers(**{"content-type": "application/json"}), content=b"{}")
     for k, v in (headers or {}).items():
         req.headers.add(k, v)
-    return tflow.tflow(req=req)  # tclient_conn() has finished its TLS handshake
+    f = tflow.tflow(req=req)  # tclient_conn() has finished its TLS handshake
+    f.client_conn.sni = host  # as a client naming this host would send it
+    return f
 
 
 def connect(host: str, port: int, proxy_auth: str | None, client_conn: Any = None) -> http.HTTPFlow:
@@ -218,6 +242,7 @@ def test_proxy_credentials_from_connect_are_remembered_per_connection() -> None:
     assert "proxy-authorization" not in c.request.headers
     f = request("api.openai.com", headers={"Authorization": "Bearer unused"})
     f.client_conn = c.client_conn
+    f.client_conn.sni = "api.openai.com"  # the TLS inside the tunnel
     run(ident.requestheaders(f))
     assert f.response is None
     assert auth_headers(f) == [("authorization", "Bearer up-openai")]

@@ -34,6 +34,7 @@ class Call:
     key: KeyRecord | None = None
     credential_source: str | None = None  # proxy | header | query
     byok_passthrough: bool = False
+    byok_key: str | None = field(default=None, repr=False)  # the client's own provider key (BYOK keys only)
     endpoint_kind: str = "other"
     model_requested: str | None = None
     stream: bool = False
@@ -68,11 +69,29 @@ def refuse(
     outcome: str,
     headers: dict[str, str] | None = None,
 ) -> None:
-    """Answer the client ourselves, in the provider's error shape; nothing goes upstream."""
+    """Answer the client ourselves, in the provider's error shape; nothing goes upstream.
+
+    Refused at its headers, the request is answered before its body is read (see `edge`), so a
+    client waiting for `100 Continue` must not get one.
+    """
     call.outcome = outcome
     call.status_code = status
     call.error = code
+    flow.request.headers.pop("expect", None)
+    flow.response = refusal_response(call, status, code, message, headers)
+
+
+def refusal_response(call: Call, status: int, code: str, message: str,
+                     headers: dict[str, str] | None = None) -> http.Response:
     hdrs = {"content-type": "application/json", REQUEST_ID_HEADER: call.request_id}
     if headers:
         hdrs.update(headers)
-    flow.response = http.Response.make(status, error_body(call.family, status, code, message), hdrs)
+    return http.Response.make(status, error_body(call.family, status, code, message), hdrs)
+
+
+def plain_response(status: int, text: str, headers: dict[str, str] | None = None) -> http.Response:
+    """For answers that belong to no provider (CONNECT, other hosts): short text, with a request id."""
+    hdrs = {"content-type": "text/plain", REQUEST_ID_HEADER: new_request_id()}
+    if headers:
+        hdrs.update(headers)
+    return http.Response.make(status, f"Spendgate: {text}\n".encode(), hdrs)

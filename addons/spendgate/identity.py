@@ -18,16 +18,14 @@ from urllib.parse import unquote
 
 from mitmproxy import connection, http
 
-from spendgate.call import META, REQUEST_ID_HEADER, Call, new_request_id, refuse
-from spendgate.keys import KeyRecord, looks_like_gateway_key, parse_key
+from spendgate.call import META, REQUEST_ID_HEADER, Call, get_call, new_request_id, refuse
+from spendgate.keys import KeyRecord, contains_gateway_key, looks_like_gateway_key, parse_key
 from spendgate.models import utcnow
 from spendgate.providers import (
     KEY_HEADERS,
     KEY_QUERY_PARAMS,
-    ProviderSpec,
     looks_like_provider_key,
     strip_bearer,
-    upstream_auth_headers,
 )
 from spendgate.runtime import Runtime
 
@@ -132,8 +130,8 @@ class Identity:
         cred = parse_proxy_authorization(flow.request.headers.get("proxy-authorization"))
         flow.request.headers.pop("proxy-authorization", None)
         self._conn_creds[flow.client_conn] = cred
-        if self.rt.provider_for_host(flow.request.host) is not None:
-            return  # identity is checked per request, so the SDK gets a provider-shaped answer
+        if flow.response is not None or self.rt.provider_for_host(flow.request.host) is not None:
+            return  # a model host: identity is checked per request, so the SDK gets a provider-shaped answer
         await self._gate_other_host(flow, cred)
 
     async def _gate_other_host(self, flow: http.HTTPFlow, cred: ProxyCred | None) -> bool:
@@ -165,19 +163,16 @@ class Identity:
             call.extra["t_pre"] = time.perf_counter() - t0
 
     async def _identify(self, flow: http.HTTPFlow) -> None:
-        provider = self.rt.provider_for_host(flow.request.pretty_host)
         request_cred = None
         if "proxy-authorization" in flow.request.headers:
             request_cred = parse_proxy_authorization(flow.request.headers.pop("proxy-authorization"))
-        if provider is None:
+        call = get_call(flow)
+        if call is None:
             # Plain-HTTP proxying of a non-model host (a CONNECT was checked at CONNECT time).
             if not flow.client_conn.tls_established and flow.client_conn not in self._conn_creds:
                 await self._gate_other_host(flow, request_cred)
             return
-        call = Call(request_id=new_request_id(), provider=provider, host=flow.request.pretty_host)
-        flow.metadata[META] = call
-        call.extra["client_addr"] = flow.client_conn.peername[0] if flow.client_conn.peername else None
-        call.extra["user_agent"] = flow.request.headers.get("user-agent")
+        provider = call.provider
 
         cred = request_cred or self._conn_creds.get(flow.client_conn)
         client_keys = self._take_client_keys(flow)
@@ -228,16 +223,19 @@ class Identity:
                        "blocked_policy")
                 return
             call.byok_passthrough = True
-            self._set_client_key(flow, foreign[0], provider.spec)
+            call.byok_key = foreign[0]  # sent upstream by `forward`, never recorded
             return
         if not provider.api_key:
             refuse(flow, call, 503, "spendgate_upstream_key_missing",
                    f"The gateway has no upstream API key for {provider.name}; an admin must set providers.{provider.name}.api_key.",
                    "gateway_error")
-            return
-        self._set_client_key(flow, provider.api_key, provider.spec)
 
     def _take_client_keys(self, flow: http.HTTPFlow) -> list[str]:
+        """Every credential the client put in the request, removed from it.
+
+        The SDKs' key slots are read in order of precedence; a gateway key anywhere else (another
+        header, any query parameter, whatever its encoding) is removed too: it never leaves.
+        """
         found: list[str] = []
         headers = flow.request.headers
         names = {k.lower() for k, _ in headers.fields}  # one pass over the raw fields
@@ -249,18 +247,24 @@ class Identity:
                 if v and v not in found:
                     found.append(v)
             headers.pop(h, None)
-        if "key=" not in flow.request.path:  # parsing the query costs more than this check
+        stray = [k for k, v in headers.fields if contains_gateway_key(v)]
+        for k in stray:
+            headers.pop(k.decode("latin-1"), None)  # e.g. `x-foo: sg_…`: forwarded, it would leave the gateway
+        path = flow.request.path
+        if "?" not in path:
             return found
-        q = flow.request.query
-        for p in KEY_QUERY_PARAMS:
-            for v in q.get_all(p):
-                if v and v not in found:
-                    found.append(v)
-            if p in q:
-                del q[p]
+        kept: list[tuple[str, str]] = []
+        changed = False
+        for name, value in flow.request.query.items(multi=True):  # names and values percent-decoded
+            if name.strip().lower() in KEY_QUERY_PARAMS:
+                changed = True
+                if value and value not in found:
+                    found.append(value)
+            elif contains_gateway_key(name) or contains_gateway_key(value):
+                changed = True
+            else:
+                kept.append((name, value))
+        if changed:
+            flow.request.query = kept
         return found
 
-    @staticmethod
-    def _set_client_key(flow: http.HTTPFlow, key: str, spec: ProviderSpec) -> None:
-        name, value = upstream_auth_headers(spec, key)
-        flow.request.headers[name] = value

@@ -12,6 +12,7 @@ import hmac
 import re
 import secrets
 import string
+from urllib.parse import unquote
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -48,6 +49,25 @@ def parse_key(value: str) -> ParsedKey | None:
 
 def looks_like_gateway_key(value: str) -> bool:
     return value.strip().startswith("sg_")
+
+
+_EMBEDDED_KEY = re.compile(r"sg_[a-z0-9]{8}_[A-Za-z0-9]{16}")
+
+
+def contains_gateway_key(value: str | bytes) -> bool:
+    """True if `value` holds a gateway key anywhere, also percent-encoded (up to three times over).
+
+    >>> contains_gateway_key("Bearer%20sg%255Fabcd1234_" + "x" * 43)
+    True
+    """
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    for _ in range(4):
+        if _EMBEDDED_KEY.search(text):
+            return True
+        if "%" not in text:
+            return False
+        text = unquote(text)
+    return False
 
 
 def hash_secret(secret: str) -> str:

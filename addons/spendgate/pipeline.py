@@ -21,7 +21,7 @@ log = logging.getLogger("spendgate.pipeline")
 
 REQUEST_HOOKS = frozenset({"http_connect", "requestheaders", "request"})
 HOOKS = (
-    "tls_clienthello", "tls_start_server", "http_connect", "requestheaders", "request",
+    "tls_clienthello", "tls_start_server", "server_connect", "http_connect", "requestheaders", "request",
     "responseheaders", "response", "error",
 )
 
@@ -74,6 +74,9 @@ class Pipeline:
         """A stage broke. Fail closed: a request it was deciding on does not go upstream ungoverned."""
         stage = type(getattr(fn, "__self__", fn)).__name__
         log.error("stage %s failed in %s: %s", stage, hook, type(e).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+        if hook == "server_connect" and hasattr(arg, "server"):
+            arg.server.error = "the gateway failed while checking this destination"
+            return
         if hook not in REQUEST_HOOKS or not isinstance(arg, http.HTTPFlow) or arg.response is not None:
             return
         call = get_call(arg)

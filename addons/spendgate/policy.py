@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import re
 from typing import Any
 
 from mitmproxy import http
 
+from spendgate.bodies import BodyError, decode, decoded_size, parse_json_object
 from spendgate.call import OFF_LOOP_BYTES, get_call, refuse
 from spendgate.runtime import Runtime
 from spendgate.usage import EndpointKind, Family, endpoint_kind_for, request_facts
@@ -17,11 +17,12 @@ from spendgate.usage import EndpointKind, Family, endpoint_kind_for, request_fac
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
 
 
-def _parse_json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+def _read(raw: bytes, encoding: str | None, limit: int, want_json: bool) -> dict[str, Any] | None:
+    """The JSON body, decoded within `limit`; a body that is not JSON is only measured. Raises BodyError."""
+    if not want_json:
+        decoded_size(raw, encoding, limit)
         return None
+    return parse_json_object(decode(raw, encoding, limit))
 
 
 class Policy:
@@ -35,8 +36,10 @@ class Policy:
         limit = self.rt.settings.proxy.max_request_bytes
         length = flow.request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
+            # Refused at the headers: the edge answers before the body is uploaded.
             refuse(flow, call, 413, "spendgate_request_too_large",
-                   f"Request body is {length} bytes; this gateway accepts at most {limit}.", "blocked_policy")
+                   f"Request body is {length} bytes; this gateway accepts at most {limit} ([proxy] max_request_bytes).",
+                   "blocked_policy")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)
@@ -45,25 +48,24 @@ class Policy:
         call.extra["t_req0"] = time.perf_counter()
         content = flow.request.raw_content or b""
         call.request_bytes = len(content)
-        if len(content) > self.rt.settings.proxy.max_request_bytes:
-            refuse(flow, call, 413, "spendgate_request_too_large",
-                   f"Request body is {len(content)} bytes; this gateway accepts at most "
-                   f"{self.rt.settings.proxy.max_request_bytes}.", "blocked_policy")
-            return
         family = Family(call.family)
         path = flow.request.path
         kind = endpoint_kind_for(family, flow.request.method, path)
         call.endpoint_kind = kind.value
-        body: dict[str, Any] | None = None
-        if kind is not EndpointKind.OTHER:
-            raw = flow.request.get_content(strict=False) or b""
-            # A large body (up to max_request_bytes) would stall every other request while it parses.
-            parsed = await asyncio.to_thread(_parse_json, raw) if len(raw) > OFF_LOOP_BYTES else _parse_json(raw)
-            if not isinstance(parsed, dict):
-                refuse(flow, call, 400, "spendgate_invalid_json",
-                       "The request body is not a JSON object; nothing was sent to the provider.", "blocked_policy")
-                return
-            body = parsed
+        limit = self.rt.settings.proxy.max_request_bytes
+        encoding = flow.request.headers.get("content-encoding")
+        want_json = kind is not EndpointKind.OTHER
+        try:
+            if encoding is None and not want_json:
+                body = None  # nothing to decode or parse; the edge already bounded the size
+            elif len(content) > OFF_LOOP_BYTES:
+                # A large body (up to max_request_bytes) would stall every other request while it parses.
+                body = await asyncio.to_thread(_read, content, encoding, limit, want_json)
+            else:
+                body = _read(content, encoding, limit, want_json)
+        except BodyError as e:
+            refuse(flow, call, e.status, e.code, str(e), "blocked_policy")
+            return
         call.body = body
         facts = request_facts(family, kind, body, path)
         model = facts.model

@@ -13,7 +13,8 @@ from spendgate.auditlog import AuditUnavailable, AuditWriter
 from spendgate.call import Call, get_call, refuse
 from spendgate.meter import body_text, nano_usd
 from spendgate.outcome import classify_error, client_gone
-from spendgate.models import utcnow
+from spendgate.models import AuditRecord, utcnow
+from spendgate.rowfit import RowFitter
 from spendgate.runtime import Runtime
 from spendgate.usage import Usage
 
@@ -24,6 +25,16 @@ class Record:
     def __init__(self, rt: Runtime, writer: AuditWriter) -> None:
         self.rt = rt
         self.writer = writer
+        self.fitter = RowFitter(AuditRecord.__table__)  # type: ignore[attr-defined]
+
+    def _fit(self, call: Call, row: dict[str, Any]) -> dict[str, Any]:
+        """Cut the row to its columns; `cut_fields` accumulates over the begin row and its completion."""
+        self.fitter.fit(row)
+        if "cut_fields" in row:
+            cut = set(call.extra.get("cut_fields", ())) | set(row["cut_fields"].split(","))
+            call.extra["cut_fields"] = cut
+            row["cut_fields"] = ",".join(sorted(cut))[:200]
+        return row
 
     def _capture_reason(self, call: Call) -> str | None:
         if call.key is not None and call.key.capture_content:
@@ -43,13 +54,13 @@ class Record:
             "provider": call.provider.name,
             "host": call.host,
             "method": flow.request.method,
-            "path": flow.request.path.split("?", 1)[0][:2000],
+            "path": flow.request.path.split("?", 1)[0],
             "endpoint_kind": call.endpoint_kind,
             "model_requested": call.model_requested,
             "stream": call.stream,
             "request_bytes": call.request_bytes,
             "client_addr": call.extra.get("client_addr"),
-            "user_agent": (call.extra.get("user_agent") or "")[:300] or None,
+            "user_agent": call.extra.get("user_agent") or None,
             "instance_id": self.rt.instance_id,
         }
 
@@ -65,7 +76,7 @@ class Record:
             call.extra["capture_reason"] = reason
             row["content_captured"] = True
         try:
-            await self.writer.begin(row)
+            await self.writer.begin(self._fit(call, row))
         except AuditUnavailable as e:
             if self.rt.settings.fail_closed:
                 refuse(flow, call, 503, "spendgate_store_unavailable",
@@ -121,13 +132,13 @@ class Record:
             self.writer.settle({"request_id": call.request_id, "refs": refs,
                                 "actual_nusd": fields.get("cost_nusd") or 0})
         if call.extra.get("begun"):
-            self.writer.update({"id": call.request_id, **fields})
+            self.writer.update(self._fit(call, {"id": call.request_id, **fields}))
         else:
             row = self._base_row(flow, call)
             row.update(fields)
             if call.extra.get("begin_failed"):
                 row["error"] = f"{row.get('error') or ''} (audit row written late: {call.extra['begin_failed']})".strip()
-            self.writer.insert(row)
+            self.writer.insert(self._fit(call, row))
         call.extra["final"] = fields
         capture = call.extra.get("capture")
         if call.extra.get("begun") and capture is not None:
@@ -154,8 +165,9 @@ class Record:
         cut_by_upstream = (flow.error is not None and flow.response is not None and tap is not None
                            and not tap.completed and not client_gone(flow) and flow.response.status_code < 400)
         if cut_by_upstream:
-            assert flow.response is not None
-            return "upstream_error", flow.response.status_code, "stream ended before its final event (usage estimated)"
+            assert flow.response is not None and flow.error is not None
+            return ("upstream_error", flow.response.status_code,
+                    f"stream ended before its final event (usage estimated): {flow.error.msg}")
         if flow.error is not None:
             outcome, status = classify_error(flow)
             return outcome, status, flow.error.msg[:500]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from spendgate.access import MODEL_PORT
 from spendgate.auditlog import AuditWriter
 from spendgate.holds import LiveHolds
 from spendgate.metrics import Metrics, ModelLabels
@@ -34,6 +35,7 @@ class Runtime:
     metrics: Metrics
     model_labels: ModelLabels
     _insecure_upstreams: set[tuple[str, int]] = field(default_factory=set)
+    _upstreams: frozenset[tuple[str, int]] = frozenset()
     holds: LiveHolds = field(default_factory=LiveHolds)
     instance_id: str = ""  # host:port, stable across restarts of the same gateway
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -51,8 +53,9 @@ class Runtime:
             if p.upstream is not None and not p.verify_upstream_tls:
                 insecure.add((p.upstream.host, p.upstream.port))
         instance_id = f"{socket.gethostname()}:{settings.proxy.listen.port}"[:40]
+        upstreams = frozenset((p.upstream.host, p.upstream.port) for p in settings.providers if p.upstream is not None)
         return cls(settings, store, KeyRegistry(store), HostMatcher(hostmap), AuditWriter(store),
-                   pricer, Metrics(), ModelLabels(pricer), insecure, instance_id=instance_id)
+                   pricer, Metrics(), ModelLabels(pricer), insecure, upstreams, instance_id=instance_id)
 
     def start(self) -> None:
         """Blocking: migrate an empty database, load keys, start the background threads."""
@@ -122,6 +125,16 @@ class Runtime:
     def provider_for_host(self, host: str) -> ProviderSettings | None:
         name = self.hosts.match(host)
         return self.settings.provider(name) if name else None
+
+    def is_model_host(self, host: str) -> bool:
+        return self.hosts.match(host) is not None
+
+    def model_upstream(self, address: tuple[str, int]) -> bool:
+        """A configured `upstream`, or a provider's own host on 443: the only places the team's keys go."""
+        host, port = address
+        if (host, port) in self._upstreams:
+            return True
+        return port == MODEL_PORT and self.hosts.match(host) is not None
 
     def verify_upstream(self, host: str, port: int) -> bool:
         return (host, port) not in self._insecure_upstreams

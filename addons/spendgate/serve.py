@@ -16,7 +16,7 @@ from mitmproxy.tools.dump import DumpMaster
 from spendgate.runtime import Runtime
 from spendgate.settings import Settings
 from spendgate.pipeline import Pipeline
-from spendgate.stages import build_stages
+from spendgate.stages import build_stages, install_edge
 
 log = logging.getLogger("spendgate")
 
@@ -41,6 +41,7 @@ async def _run(settings: Settings) -> None:
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
     configure_mitmproxy(opts, settings)
+    install_edge(settings)
     master.addons.add(Pipeline(build_stages(rt)))  # type: ignore[no-untyped-call]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

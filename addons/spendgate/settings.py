@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from spendgate.access import parse_destination
 from spendgate.pricing import PriceOverride, parse_amount
 from spendgate.providers import BUILTIN_PROVIDERS, ProviderSpec
 
@@ -40,6 +41,12 @@ class ProxySettings:
     confdir: Path = Path("~/.spendgate").expanduser()
     max_request_bytes: int = 32 * 1024 * 1024
     block_other_hosts: bool = False
+    allow_ports: tuple[int, ...] = (443,)
+    allow_destinations: tuple[str, ...] = ()  # CIDRs, "host:port" or "ip:port": exceptions to the refused networks
+    upstream_timeout_seconds: float = 600.0
+    stream_idle_timeout_seconds: float = 300.0
+    header_timeout_seconds: float = 30.0
+    max_header_bytes: int = 65536
 
 
 @dataclass(frozen=True)
@@ -150,12 +157,22 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
 def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], cfg_path: Path | None = None) -> Settings:
     _known(raw, "", {"proxy", "database", "metrics", "audit", "budgets", "providers", "alerts", "prices"})
     proxy_raw = _table(raw, "proxy")
-    _known(proxy_raw, "proxy.", {"listen", "confdir", "max_request_bytes", "block_other_hosts"})
+    _known(proxy_raw, "proxy.", {
+        "listen", "confdir", "max_request_bytes", "block_other_hosts", "allow_ports", "allow_destinations",
+        "upstream_timeout_seconds", "stream_idle_timeout_seconds", "header_timeout_seconds", "max_header_bytes",
+    })
     proxy = ProxySettings(
         listen=_hostport(proxy_raw.get("listen", "127.0.0.1:8080"), "proxy.listen"),
         confdir=Path(_str(proxy_raw.get("confdir", "~/.spendgate"), "proxy.confdir", env)).expanduser(),
         max_request_bytes=_posint(proxy_raw.get("max_request_bytes", 32 * 1024 * 1024), "proxy.max_request_bytes"),
         block_other_hosts=_bool(proxy_raw.get("block_other_hosts", False), "proxy.block_other_hosts"),
+        allow_ports=_ports(proxy_raw.get("allow_ports", [443]), "proxy.allow_ports"),
+        allow_destinations=_destinations(proxy_raw.get("allow_destinations", []), "proxy.allow_destinations"),
+        upstream_timeout_seconds=_posfloat(proxy_raw.get("upstream_timeout_seconds", 600), "proxy.upstream_timeout_seconds"),
+        stream_idle_timeout_seconds=_posfloat(proxy_raw.get("stream_idle_timeout_seconds", 300),
+                                              "proxy.stream_idle_timeout_seconds"),
+        header_timeout_seconds=_posfloat(proxy_raw.get("header_timeout_seconds", 30), "proxy.header_timeout_seconds"),
+        max_header_bytes=_posint(proxy_raw.get("max_header_bytes", 65536), "proxy.max_header_bytes"),
     )
     db_raw = _table(raw, "database")
     _known(db_raw, "database.", {"url"})
@@ -346,6 +363,23 @@ def _usd_amount(v: Any, key: str) -> Decimal:
         return parse_amount(v)
     except ValueError:
         raise ConfigError(f"{key} must be a non-negative amount in USD, e.g. 100 (got {v!r})") from None
+
+
+def _ports(v: Any, key: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in v):
+        raise ConfigError(f"{key} must be a list of port numbers, e.g. [443] (got {v!r})")
+    return tuple(sorted(set(v)))
+
+
+def _destinations(v: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(d, str) and d for d in v):
+        raise ConfigError(f"{key} must be a list like [\"10.1.2.0/24\", \"git.internal:443\"] (got {v!r})")
+    for d in v:
+        try:
+            parse_destination(d)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {d!r} is not a network, host:port or ip:port ({e})") from None
+    return tuple(v)
 
 
 def _hostport(v: Any, key: str) -> HostPort:
