@@ -220,6 +220,16 @@ BAD: list[tuple[str, dict[str, Any], dict[str, str], str]] = [
     ("price-bool", {"prices": {"overrides": {"openai:gpt-4o": {"input": True, "output": 2}}}}, {}, "prices.overrides"),
     ("price-text", {"prices": {"overrides": {"openai:gpt-4o": {"input": "cheap", "output": 2}}}}, {}, "prices.overrides"),
     ("prices-unknown", {"prices": {"override": {}}}, {}, "prices.override"),
+    ("allow-ports-str", {"proxy": {"allow_ports": "443"}}, {}, "proxy.allow_ports"),
+    ("allow-ports-zero", {"proxy": {"allow_ports": [0]}}, {}, "proxy.allow_ports"),
+    ("allow-ports-bool", {"proxy": {"allow_ports": [True]}}, {}, "proxy.allow_ports"),
+    ("allow-dest-str", {"proxy": {"allow_destinations": "10.0.0.0/8"}}, {}, "proxy.allow_destinations"),
+    ("allow-dest-bad-cidr", {"proxy": {"allow_destinations": ["10.0.0.0/33"]}}, {}, "proxy.allow_destinations"),
+    ("allow-dest-bad-port", {"proxy": {"allow_destinations": ["git.internal:99999"]}}, {}, "proxy.allow_destinations"),
+    ("upstream-timeout-zero", {"proxy": {"upstream_timeout_seconds": 0}}, {}, "proxy.upstream_timeout_seconds"),
+    ("idle-timeout-text", {"proxy": {"stream_idle_timeout_seconds": "5m"}}, {}, "proxy.stream_idle_timeout_seconds"),
+    ("header-timeout-neg", {"proxy": {"header_timeout_seconds": -1}}, {}, "proxy.header_timeout_seconds"),
+    ("header-bytes-float", {"proxy": {"max_header_bytes": 1.5}}, {}, "proxy.max_header_bytes"),
 ]
 
 
