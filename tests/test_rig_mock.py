@@ -16,6 +16,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -491,3 +492,118 @@ def test_threads_do_not_leak_after_stop() -> None:
         httpx.get(f"{m.url}/v1/models", verify=False, trust_env=False)
     time.sleep(0.2)
     assert threading.active_count() <= before + 1
+
+
+# --------------------------------------------------------------------------- multipliers, usage-less answers
+
+
+def settled(mock: MockProvider) -> Any:
+    """The last request, once the mock has finished answering it (its usage is recorded after the write)."""
+    return mock.wait_for(len(mock.requests))[-1]
+
+
+
+def test_chat_n_choices_and_no_usage(oai: openai.OpenAI, mock_provider: MockProvider) -> None:
+    r = oai.chat.completions.create(model="gpt-4o-mini", messages=MSGS, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 15
+    assert settled(mock_provider).n == 3 and settled(mock_provider).tokens["output_tokens"] == 15
+    chunks = list(oai.chat.completions.create(model="gpt-4o", messages=MSGS, n=2, stream=True,
+                                              stream_options={"include_usage": True}))
+    per_choice = [sum(1 for c in chunks for ch in c.choices if ch.index == i and ch.delta.content) for i in (0, 1)]
+    assert per_choice == [5, 5] and chunks[-1].usage.completion_tokens == 10
+
+    mock_provider.set_next("no_usage")
+    r = oai.chat.completions.create(model="gpt-4o-mini", messages=MSGS)
+    assert r.usage is None and r.choices[0].message.content == "".join(content_pieces(5))
+    rec = settled(mock_provider)
+    assert b'"usage"' not in rec.response_body and rec.usage is None and not rec.usage_sent
+    mock_provider.set_next("no_usage")
+    chunks = list(oai.chat.completions.create(model="gpt-4o", messages=MSGS, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in chunks) and b'"usage"' not in settled(mock_provider).response_body
+    mock_provider.set_next("no_usage")
+    assert "usage" not in oai.completions.create(model="gpt-3.5-turbo-instruct", prompt="x").model_dump(exclude_none=True)
+
+
+def test_legacy_best_of_and_gemini_candidate_count(oai: openai.OpenAI, hx: httpx.Client,
+                                                   mock_provider: MockProvider) -> None:
+    r = oai.completions.create(model="gpt-3.5-turbo-instruct", prompt="x", n=2, best_of=3)
+    assert len(r.choices) == 2 and r.usage.completion_tokens == 15  # billed for best_of
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"candidateCount": 2}}
+    g = hx.post("/v1beta/models/gemini-2.0-flash:generateContent", json=body).json()
+    assert [c["index"] for c in g["candidates"]] == [0, 1]
+    assert g["usageMetadata"]["candidatesTokenCount"] == 10
+    s = hx.post("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", json=body)
+    last = json.loads([ln for ln in s.text.splitlines() if ln.startswith("data: ")][-1][6:])
+    assert len(last["candidates"]) == 2 and last["usageMetadata"]["candidatesTokenCount"] == 10
+
+
+# --------------------------------------------------------------------------- images, audio, files, batches
+
+
+def test_images_generate_gpt_image_and_dalle(oai: openai.OpenAI, mock_provider: MockProvider) -> None:
+    r = oai.images.generate(model="gpt-image-1", prompt="a red cube", n=2, size="1024x1536", quality="medium")
+    rec = settled(mock_provider)
+    assert rec.endpoint == "images" and len(r.data) == 2 and base64.b64decode(r.data[0].b64_json).startswith(b"\x89PNG")
+    assert (r.usage.output_tokens, r.usage.input_tokens) == (2 * 1584, expected_input(rec.body))
+    assert r.usage.input_tokens_details.text_tokens == r.usage.input_tokens and r.usage.input_tokens_details.image_tokens == 0
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens and (r.size, r.quality) == ("1024x1536", "medium")
+    assert rec.usage == r.usage.model_dump(exclude_none=True) and rec.n == 2
+    d = oai.images.generate(model="dall-e-3", prompt="a cube")
+    assert d.usage is None and d.data[0].url and d.data[0].revised_prompt == "a cube"
+    e = oai.images.edit(model="gpt-image-1", image=("in.png", b"\x89PNG" + b"\x00" * 3000, "image/png"), prompt="bluer")
+    assert settled(mock_provider).endpoint == "image_edits" and e.usage.input_tokens_details.image_tokens == 3
+    with oai.images.generate(model="gpt-image-1", prompt="x", stream=True, partial_images=1) as stream:
+        kinds = [ev.type for ev in stream]
+    assert kinds == ["image_generation.partial_image", "image_generation.completed"]
+    assert settled(mock_provider).usage["output_tokens"] == 4160
+
+
+def test_audio_speech_transcription_translation(oai: openai.OpenAI, hx: httpx.Client,
+                                                mock_provider: MockProvider) -> None:
+    speech = oai.audio.speech.create(model="gpt-4o-mini-tts", voice="alloy", input="Hello there")
+    assert speech.response.headers["content-type"] == "audio/mpeg" and speech.content[:2] == b"\xff\xfb"
+    rec = settled(mock_provider)
+    assert rec.endpoint == "speech" and rec.model == "gpt-4o-mini-tts" and rec.tokens["input_characters"] == 11
+    wav = oai.audio.speech.create(model="tts-1", voice="alloy", input="x", response_format="wav")
+    assert wav.content[:4] == b"RIFF" and wav.response.headers["content-type"] == "audio/wav"
+
+    audio = b"RIFF" + b"\x00" * 64000  # 2 s of 16 kHz 16-bit mono
+    t = oai.audio.transcriptions.create(model="gpt-4o-transcribe", file=("a.wav", audio, "audio/wav"), prompt="abcdefgh")
+    assert t.text == "".join(content_pieces(5))
+    u = t.usage
+    assert (u.type, u.input_token_details.audio_tokens, u.input_token_details.text_tokens) == ("tokens", 160, 2)
+    assert (u.input_tokens, u.output_tokens, u.total_tokens) == (162, 5, 167)
+    rec = settled(mock_provider)
+    assert (rec.endpoint, rec.model, rec.usage["input_tokens"]) == ("transcriptions", "gpt-4o-transcribe", 162)
+    w = oai.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio, "audio/wav"))
+    assert (w.usage.type, w.usage.seconds) == ("duration", 2.0)
+    v = oai.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), response_format="verbose_json")
+    assert v.duration == 2.0 and v.usage.seconds == 2.0
+    assert oai.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), response_format="text").strip() \
+        == "".join(content_pieces(5))
+    stream = oai.audio.transcriptions.create(model="gpt-4o-mini-transcribe", file=("a.wav", audio), stream=True)
+    evs = list(stream)
+    assert [e.type for e in evs] == ["transcript.text.delta"] * 5 + ["transcript.text.done"]
+    assert evs[-1].usage.output_tokens == 5
+    tr = hx.post("/v1/audio/translations", data={"model": "whisper-1"}, files={"file": ("a.wav", audio)})
+    assert tr.json() == {"text": "".join(content_pieces(5))} and settled(mock_provider).endpoint == "translations"
+
+
+def test_files_batches_fine_tuning(oai: openai.OpenAI, hx: httpx.Client, mock_provider: MockProvider) -> None:
+    line = json.dumps({"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": "gpt-4o-mini", "messages": MSGS}}).encode()
+    f = oai.files.create(file=("batch.jsonl", line + b"\n"), purpose="batch")
+    assert (f.object, f.bytes, f.filename, f.purpose) == ("file", len(line) + 1, "batch.jsonl", "batch")
+    assert settled(mock_provider).endpoint == "files" and mock_provider.files[f.id]["content"] == line + b"\n"
+    assert oai.files.content(f.id).content == line + b"\n" and oai.files.retrieve(f.id).id == f.id
+    assert settled(mock_provider).endpoint == "file"
+    assert hx.get("/v1/files/file-nope/content").status_code == 404
+    b = oai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert (b.object, b.status, b.model, b.request_counts.total) == ("batch", "validating", "gpt-4o-mini", 0)
+    assert oai.batches.retrieve(b.id).id == b.id and mock_provider.find(endpoint="batches")[0].model == "gpt-4o-mini"
+    j = oai.fine_tuning.jobs.create(model="gpt-4o-mini-2024-07-18", training_file=f.id)
+    assert (j.object, j.status, j.training_file, j.hyperparameters.n_epochs) == ("fine_tuning.job", "validating_files",
+                                                                              f.id, "auto")
+    assert oai.fine_tuning.jobs.retrieve(j.id).id == j.id
+    assert [r.endpoint for r in mock_provider.requests][-2:] == ["fine_tuning", "fine_tuning_job"]

@@ -4,7 +4,12 @@ One server answers for every provider (any Host header); requests are routed by 
 
 * OpenAI (and OpenAI-compatible hosts, Azure deployments): ``.../chat/completions``,
   ``.../responses``, ``.../completions``, ``.../embeddings``, ``GET .../models[/{id}]``,
-  ``GET /v1/organization/costs``.
+  ``GET /v1/organization/costs``; images, audio, files, batches and fine-tuning
+  (:mod:`tests.rig.mock_media`).
+* WebSockets (:mod:`tests.rig.mock_ws`, :mod:`tests.rig.mock_realtime`): the Responses API's
+  WebSocket mode (``GET /v1/responses``), the Realtime API (``GET /v1/realtime?model=``) and
+  Gemini Live (``/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent``),
+  recorded in ``MockProvider.ws_sessions``.
 * Anthropic: ``POST /v1/messages``, ``POST /v1/messages/count_tokens``, ``GET /v1/models``,
   ``GET /v1/organizations/cost_report``.
 * Gemini: ``POST /v1beta/models/{model}:generateContent`` / ``:streamGenerateContent`` /
@@ -13,7 +18,8 @@ One server answers for every provider (any Host header); requests are routed by 
 Usage numbers are deterministic (see :func:`plan_tokens`):
 
 * ``input_tokens  = 10 + len(request body bytes) // 4``
-* ``output_tokens = chunks`` (number of content pieces; default 5)
+* ``output_tokens = chunks`` (number of content pieces; default 5), times ``n`` / ``best_of`` /
+  ``candidateCount`` when the request asks for several answers
 * ``cache_read_tokens = cache_write_tokens = reasoning_tokens = 0``
 
 each overridable per request. Every request is recorded (:class:`RecordedRequest`) with the
@@ -52,6 +58,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from . import mock_media, mock_ws
+
 SCENARIO_HEADER = "x-mock-scenario"
 
 WORDS = ["Hello", "from", "the", "mock", "provider", "streaming", "tokens", "one", "by", "one"]
@@ -85,8 +93,10 @@ _INT_PARAMS = {
     "reasoning_tokens",
     "truncate_after",
     "retry_after",
+    "audio_input_tokens",
+    "audio_output_tokens",
 }
-_FLOAT_PARAMS = {"hang_s"}
+_FLOAT_PARAMS = {"hang_s", "audio_seconds"}
 _STR_PARAMS = {"model"}
 _ERROR_RE = re.compile(r"^error(\d{3})$")
 
@@ -96,7 +106,11 @@ class Scenario:
     """What the mock does with one request.
 
     flags: any of ``ok``, ``error500`` / ``errorNNN`` / ``error`` (with ``status``), ``slow``,
-    ``truncate``, ``hang``, ``gzip``. Several may be combined (``"slow; truncate"``).
+    ``truncate``, ``hang``, ``gzip``, ``no_usage`` (chat / legacy completions answer without
+    usage), and for WebSockets ``failed`` (response.failed / a failed response.done), ``reject``
+    (the upgrade is refused with ``status``, default 403; upgrade header only), ``no_deflate``
+    (do not negotiate permessage-deflate) and ``text_frames`` (Gemini Live in text frames).
+    Several may be combined (``"slow; truncate"``).
     """
 
     flags: frozenset[str] = frozenset({"ok"})
@@ -113,6 +127,9 @@ class Scenario:
     cache_write_tokens: int | None = None
     reasoning_tokens: int | None = None
     model: str | None = None  # model name reported in the answer (default: the requested one)
+    audio_input_tokens: int | None = None  # Realtime: input audio tokens (default: from the audio sent)
+    audio_output_tokens: int | None = None  # Realtime: output audio tokens (default 0)
+    audio_seconds: float | None = None  # transcription: billed duration (default: from the file size)
 
     @property
     def name(self) -> str:
@@ -335,7 +352,9 @@ class RecordedRequest:
     host: str  # Host header as received
     provider: str = "openai"  # openai | anthropic | gemini
     endpoint: str = "unknown"  # chat | responses | completions | embeddings | models | messages |
-    #                            count_tokens | generate | stream_generate | costs | cost_report | unknown
+    #   count_tokens | generate | stream_generate | costs | cost_report | images | image_edits | speech |
+    #   transcriptions | translations | files | file | file_content | batches | batch | fine_tuning |
+    #   responses_ws | realtime | live (WebSocket upgrades; see ws_sessions) | unknown
     deployment: str | None = None  # Azure deployment name, if the Azure path form was used
     model: str | None = None  # requested model (body, path or deployment)
     model_reported: str | None = None  # model name put in the answer
@@ -355,6 +374,7 @@ class RecordedRequest:
     client_disconnected: bool = False
     finished_at: float | None = None
     finished: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+    n: int = 1  # answers asked for: chat / completions ``n`` (``best_of``), Gemini ``candidateCount``
 
     @property
     def json(self) -> Any:
@@ -404,6 +424,61 @@ def _sse(data: Any, event: str | None = None, sep: str = "\n") -> bytes:
     payload = data if isinstance(data, str) else _dumps(data)
     head = f"event: {event}{sep}" if event else ""
     return f"{head}data: {payload}{sep}{sep}".encode()
+
+
+def responses_api_response(resp_id: str, model: str, created_at: int, payload: dict[str, Any], status: str,
+                           output: list[Any], usage: dict[str, Any] | None) -> dict[str, Any]:
+    """A Responses API ``response`` object (POST /v1/responses answer, and inside stream events)."""
+    return {
+        "id": resp_id, "object": "response", "created_at": created_at, "status": status,
+        "background": False, "error": None, "incomplete_details": None,
+        "instructions": payload.get("instructions"), "max_output_tokens": payload.get("max_output_tokens"),
+        "model": model, "output": output, "parallel_tool_calls": True,
+        "previous_response_id": payload.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None}, "service_tier": "default", "store": True,
+        "temperature": 1.0, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+        "top_p": 1.0, "truncation": "disabled", "usage": usage, "user": None, "metadata": {},
+    }
+
+
+def responses_api_events(resp_id: str, msg_id: str, model: str, created_at: int, payload: dict[str, Any],
+                         pieces: list[str], usage: dict[str, Any],
+                         ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any], bool, dict[str, Any] | None]]]:
+    """The completed response, and its streaming events as ``(type, data, is_content, final_usage)``.
+
+    The order is the documented one (response.created, response.in_progress,
+    response.output_item.added, response.content_part.added, response.output_text.delta...,
+    response.output_text.done, response.content_part.done, response.output_item.done,
+    response.completed); SSE (``stream: true``) and the WebSocket mode send the same events.
+    """
+    text = "".join(pieces)
+
+    def response(status: str, output: list[Any], usage_: dict[str, Any] | None) -> dict[str, Any]:
+        return responses_api_response(resp_id, model, created_at, payload, status, output, usage_)
+
+    part_done = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    item_done = {"id": msg_id, "type": "message", "status": "completed", "role": "assistant", "content": [part_done]}
+    item_start = {"id": msg_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    loc = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+    seq = iter(range(1_000_000))
+    events: list[tuple[str, dict[str, Any], bool, dict[str, Any] | None]] = []
+
+    def ev(name: str, data: dict[str, Any], content: bool = False, final: dict[str, Any] | None = None) -> None:
+        events.append((name, {"type": name, "sequence_number": next(seq), **data}, content, final))
+
+    ev("response.created", {"response": response("in_progress", [], None)})
+    ev("response.in_progress", {"response": response("in_progress", [], None)})
+    ev("response.output_item.added", {"output_index": 0, "item": item_start})
+    ev("response.content_part.added",
+       {**loc, "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
+    for p in pieces:
+        ev("response.output_text.delta", {**loc, "delta": p, "logprobs": []}, content=True)
+    ev("response.output_text.done", {**loc, "text": text, "logprobs": []})
+    ev("response.content_part.done", {**loc, "part": part_done})
+    ev("response.output_item.done", {"output_index": 0, "item": item_done})
+    final = response("completed", [item_done], usage)
+    ev("response.completed", {"response": final}, final=usage)
+    return final, events
 
 
 # --------------------------------------------------------------------------- TLS
@@ -671,6 +746,9 @@ class _Handler(BaseHTTPRequestHandler):
         so = payload.get("stream_options")
         rec.include_usage = bool(isinstance(so, dict) and so.get("include_usage"))
         rec.tokens = plan_tokens(body, rec.scenario)
+        rec.n = _answers_asked(rec, payload)
+        if rec.n > 1 and rec.scenario.output_tokens is None:
+            rec.tokens["output_tokens"] *= rec.n
         mock._record(rec)
         if (rec.headers.get("connection") or "").lower() == "close":
             self.close_connection = True
@@ -686,6 +764,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, rec: RecordedRequest) -> None:
         mock = self.server.mock
         sc = rec.scenario
+        if rec.endpoint in mock_ws.WS_ENDPOINTS or mock_ws.is_upgrade(rec.headers):
+            mock_ws.serve(self, rec)
+            return
         if "hang" in sc.flags:
             self._wait(sc.hang_s)
             if mock._stopping.is_set():
@@ -707,6 +788,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(rec, status, error_body(rec.provider, status, msg, rec.request_id), extra_headers=extra)
             return
         handler = getattr(self, f"_ep_{rec.provider}_{rec.endpoint}", None)
+        if handler is None and rec.provider == "openai" and rec.endpoint in mock_media.ENDPOINTS:
+            mock_media.ENDPOINTS[rec.endpoint](self, rec)
+            return
         if handler is None:
             msg = f"Invalid URL ({rec.method} {rec.path})" if rec.provider == "openai" else f"Not found: {rec.path}"
             self._send_json(rec, 404, error_body(rec.provider, 404, msg, rec.request_id))
@@ -719,39 +803,45 @@ class _Handler(BaseHTTPRequestHandler):
         sc, t = rec.scenario, rec.tokens
         pieces = content_pieces(sc.chunks)
         cid, created, model = f"chatcmpl-mock{rec.seq:06d}", int(rec.timestamp), rec.model_reported or "gpt-4o-mini"
-        usage = openai_chat_usage(t)
+        with_usage = "no_usage" not in sc.flags
+        usage = openai_chat_usage(t) if with_usage else None
+        n = rec.n
         if not rec.stream:
-            self._send_json(rec, 200, {
+            body: dict[str, Any] = {
                 "id": cid,
                 "object": "chat.completion",
                 "created": created,
                 "model": model,
                 "choices": [{
-                    "index": 0,
+                    "index": i,
                     "message": {"role": "assistant", "content": "".join(pieces), "refusal": None, "annotations": []},
                     "logprobs": None,
                     "finish_reason": "stop",
-                }],
+                } for i in range(n)],
                 "usage": usage,
                 "service_tier": "default",
                 "system_fingerprint": "fp_mock",
-            }, usage=usage)
+            }
+            if not with_usage:
+                del body["usage"]
+            self._send_json(rec, 200, body, usage=usage)
             return
+        include_usage = rec.include_usage and with_usage
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish: str | None, index: int = 0) -> dict[str, Any]:
             c: dict[str, Any] = {
                 "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "service_tier": "default", "system_fingerprint": "fp_mock",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
             }
-            if rec.include_usage:
+            if include_usage:
                 c["usage"] = None
             return c
 
-        events = [_Event(_sse(chunk({"role": "assistant", "content": "", "refusal": None}, None)))]
-        events += [_Event(_sse(chunk({"content": p}, None)), content=True) for p in pieces]
-        events.append(_Event(_sse(chunk({}, "stop"))))
-        if rec.include_usage:
+        events = [_Event(_sse(chunk({"role": "assistant", "content": "", "refusal": None}, None, i))) for i in range(n)]
+        events += [_Event(_sse(chunk({"content": p}, None, i)), content=True) for p in pieces for i in range(n)]
+        events += [_Event(_sse(chunk({}, "stop", i))) for i in range(n)]
+        if include_usage:
             events.append(_Event(_sse({
                 "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "service_tier": "default", "system_fingerprint": "fp_mock", "choices": [], "usage": usage,
@@ -763,13 +853,20 @@ class _Handler(BaseHTTPRequestHandler):
         sc, t = rec.scenario, rec.tokens
         pieces = content_pieces(sc.chunks)
         cid, created, model = f"cmpl-mock{rec.seq:06d}", int(rec.timestamp), rec.model_reported or "gpt-3.5-turbo-instruct"
-        usage = openai_legacy_usage(t)
+        with_usage = "no_usage" not in sc.flags
+        usage = openai_legacy_usage(t) if with_usage else None
+        payload = rec.json if isinstance(rec.json, dict) else {}
+        choices = _positive_int(payload.get("n"))
         if not rec.stream:
-            self._send_json(rec, 200, {
+            body: dict[str, Any] = {
                 "id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"text": "".join(pieces), "index": 0, "logprobs": None, "finish_reason": "stop"}],
+                "choices": [{"text": "".join(pieces), "index": i, "logprobs": None, "finish_reason": "stop"}
+                            for i in range(choices)],
                 "usage": usage, "system_fingerprint": "fp_mock",
-            }, usage=usage)
+            }
+            if not with_usage:
+                del body["usage"]
+            self._send_json(rec, 200, body, usage=usage)
             return
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -778,13 +875,13 @@ class _Handler(BaseHTTPRequestHandler):
                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
                 "system_fingerprint": "fp_mock",
             }
-            if rec.include_usage:
+            if rec.include_usage and with_usage:
                 c["usage"] = None
             return c
 
         events = [_Event(_sse(chunk(p, None)), content=True) for p in pieces]
         events.append(_Event(_sse(chunk("", "stop"))))
-        if rec.include_usage:
+        if rec.include_usage and with_usage:
             events.append(_Event(_sse({
                 "id": cid, "object": "text_completion", "created": created, "model": model,
                 "choices": [], "usage": usage, "system_fingerprint": "fp_mock",
@@ -793,51 +890,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_stream(rec, events)
 
     def _ep_openai_responses(self, rec: RecordedRequest) -> None:
-        sc, t = rec.scenario, rec.tokens
-        pieces = content_pieces(sc.chunks)
-        text = "".join(pieces)
-        rid, mid = f"resp_mock{rec.seq:06d}", f"msg_mock{rec.seq:06d}"
-        model = rec.model_reported or "gpt-4o"
         payload = rec.json if isinstance(rec.json, dict) else {}
-        usage = openai_responses_usage(t)
-
-        def response(status: str, output: list[Any], usage_: dict[str, Any] | None) -> dict[str, Any]:
-            return {
-                "id": rid, "object": "response", "created_at": int(rec.timestamp), "status": status,
-                "background": False, "error": None, "incomplete_details": None,
-                "instructions": payload.get("instructions"), "max_output_tokens": payload.get("max_output_tokens"),
-                "model": model, "output": output, "parallel_tool_calls": True, "previous_response_id": None,
-                "reasoning": {"effort": None, "summary": None}, "service_tier": "default", "store": True,
-                "temperature": 1.0, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
-                "top_p": 1.0, "truncation": "disabled", "usage": usage_, "user": None, "metadata": {},
-            }
-
-        part_done = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        item_done = {"id": mid, "type": "message", "status": "completed", "role": "assistant", "content": [part_done]}
+        usage = openai_responses_usage(rec.tokens)
+        final, events = responses_api_events(
+            f"resp_mock{rec.seq:06d}", f"msg_mock{rec.seq:06d}", rec.model_reported or "gpt-4o",
+            int(rec.timestamp), payload, content_pieces(rec.scenario.chunks), usage)
         if not rec.stream:
-            self._send_json(rec, 200, response("completed", [item_done], usage), usage=usage)
+            self._send_json(rec, 200, final, usage=usage)
             return
-        seq = iter(range(10_000))
-
-        def ev(name: str, data: dict[str, Any], **kw: Any) -> _Event:
-            return _Event(_sse({"type": name, "sequence_number": next(seq), **data}, event=name), **kw)
-
-        item_start = {"id": mid, "type": "message", "status": "in_progress", "role": "assistant", "content": []}
-        loc = {"item_id": mid, "output_index": 0, "content_index": 0}
-        events = [
-            ev("response.created", {"response": response("in_progress", [], None)}),
-            ev("response.in_progress", {"response": response("in_progress", [], None)}),
-            ev("response.output_item.added", {"output_index": 0, "item": item_start}),
-            ev("response.content_part.added", {**loc, "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
-        ]
-        events += [ev("response.output_text.delta", {**loc, "delta": p, "logprobs": []}, content=True) for p in pieces]
-        events += [
-            ev("response.output_text.done", {**loc, "text": text, "logprobs": []}),
-            ev("response.content_part.done", {**loc, "part": part_done}),
-            ev("response.output_item.done", {"output_index": 0, "item": item_done}),
-            ev("response.completed", {"response": response("completed", [item_done], usage)}, final_usage=usage),
-        ]
-        self._send_stream(rec, events)
+        self._send_stream(rec, [_Event(_sse(data, event=name), content=content, final_usage=u)
+                                for name, data, content, u in events])
 
     def _ep_openai_embeddings(self, rec: RecordedRequest) -> None:
         payload = rec.json if isinstance(rec.json, dict) else {}
@@ -955,11 +1017,14 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- Gemini
 
     def _gemini_response(self, rec: RecordedRequest, text: str, usage: dict[str, Any], final: bool) -> dict[str, Any]:
-        cand: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
-        if final:
-            cand["finishReason"] = "STOP"
+        cands = []
+        for i in range(rec.n):  # candidateCount
+            cand: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}, "index": i}
+            if final:
+                cand["finishReason"] = "STOP"
+            cands.append(cand)
         return {
-            "candidates": [cand], "usageMetadata": usage,
+            "candidates": cands, "usageMetadata": usage,
             "modelVersion": rec.model_reported or "gemini-2.0-flash", "responseId": f"mockresp{rec.seq:06d}",
         }
 
@@ -1016,8 +1081,28 @@ def _client_key(rec: RecordedRequest) -> str | None:
     for h in ("x-api-key", "api-key", "x-goog-api-key"):
         if rec.headers.get(h):
             return rec.headers[h]
+    for proto in (rec.headers.get("sec-websocket-protocol") or "").split(","):
+        if proto.strip().startswith("openai-insecure-api-key."):  # browser Realtime clients
+            return proto.strip()[len("openai-insecure-api-key."):]
     key = rec.query_params.get("key")
     return key[-1] if key else None
+
+
+def _positive_int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 1
+
+
+def _answers_asked(rec: RecordedRequest, payload: dict[str, Any]) -> int:
+    """How many answers the request bills for: ``n`` (and ``best_of``), or ``candidateCount``."""
+    if rec.endpoint == "chat":
+        return _positive_int(payload.get("n"))
+    if rec.endpoint == "completions":
+        return max(_positive_int(payload.get("n")), _positive_int(payload.get("best_of")))
+    if rec.endpoint in ("generate", "stream_generate"):
+        gc = payload.get("generationConfig") or payload.get("generation_config") or {}
+        if isinstance(gc, dict):
+            return _positive_int(gc.get("candidateCount", gc.get("candidate_count")))
+    return 1
 
 
 _GEMINI_RE = re.compile(r"^/(?:v1beta|v1|v1alpha)/(?:models|tunedModels)/([^/:]+):(\w+)$")
@@ -1029,6 +1114,9 @@ def _route(rec: RecordedRequest) -> None:
     """Sets rec.provider / endpoint / model / deployment / stream from method + path (+ host)."""
     p, m = rec.path, rec.method
     host = rec.host.split(":")[0].lower()
+    if m == "GET" and mock_ws.is_upgrade(rec.headers):
+        mock_ws.route(rec)
+        return
     if m == "GET" and p == "/v1/organization/costs":
         rec.provider, rec.endpoint = "openai", "costs"
         return
@@ -1060,11 +1148,16 @@ def _route(rec: RecordedRequest) -> None:
         rec.model = rec.deployment
     if m == "POST":
         for suffix, ep in (("/chat/completions", "chat"), ("/responses", "responses"),
-                           ("/completions", "completions"), ("/embeddings", "embeddings")):
+                           ("/completions", "completions"), ("/embeddings", "embeddings"),
+                           *mock_media.POST_SUFFIXES):
             if p.endswith(suffix):
                 rec.endpoint = ep
                 return
     elif m == "GET":
+        ep = mock_media.get_endpoint(p)
+        if ep:
+            rec.endpoint = ep
+            return
         if p.endswith("/models"):
             rec.endpoint = "models"
             return
@@ -1083,6 +1176,12 @@ _MODEL_ENDPOINTS = {"chat", "responses", "completions", "embeddings", "messages"
 class MockProvider:
     """In-process HTTPS mock of OpenAI, Anthropic and Gemini.
 
+    HTTP requests land in ``requests`` (:class:`RecordedRequest`); WebSocket upgrades too (their
+    101 / refusal), and each socket in ``ws_sessions`` (:class:`mock_ws.RecordedWsSession`: the
+    upgrade headers, every message in and out, one :class:`mock_ws.WsCall` per model response).
+    A socket's calls take their scenario from the message (``metadata.mock_scenario``), else the
+    upgrade's ``x-mock-scenario``, else ``set_next`` (matched on the socket's path), else the default.
+
     Args:
         host: address to bind (default 127.0.0.1).
         port: port to bind (0: any free port).
@@ -1094,10 +1193,16 @@ class MockProvider:
         self._want_port = port
         self.tls = tls
         self.requests: list[RecordedRequest] = []
+        self.ws_sessions: list[mock_ws.RecordedWsSession] = []  # every WebSocket upgrade, in order
+        self.ws_deflate = True  # negotiate permessage-deflate when a client offers it
+        self.files: dict[str, dict[str, Any]] = {}  # POST /v1/files uploads: id -> FileObject + "content"
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.fine_tuning_jobs: dict[str, dict[str, Any]] = {}
         self.expected_keys: dict[str, str] = {}  # provider -> upstream key; others get 401
         self.costs: dict[str, Decimal] = {"openai": Decimal("0"), "anthropic": Decimal("0")}
         self._lock = threading.Condition()
         self._seq = 0
+        self._ws_seq = 0
         self._default = Scenario()
         self._next: deque[tuple[Scenario, str | None]] = deque()
         self._stopping = threading.Event()
@@ -1119,6 +1224,9 @@ class MockProvider:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(self.cert_path, self.key_path)
             ctx.set_alpn_protocols(["http/1.1"])
+            # No TLS 1.3 session tickets: with them, a client that reads and writes its TLS socket from two
+            # threads at once (websockets' sync client) now and then lost the request it wrote.
+            ctx.num_tickets = 0
         self._stopping.clear()
         self._server = _Server((self.host, self._want_port), self, ctx)
         self.port = self._server.server_address[1]
@@ -1194,27 +1302,49 @@ class MockProvider:
         """Forget requests, scenarios, expected keys and costs."""
         with self._lock:
             self.requests.clear()
+            self.ws_sessions.clear()
+            self.files.clear()
+            self.batches.clear()
+            self.fine_tuning_jobs.clear()
+            self.ws_deflate = True
             self._default = Scenario()
             self._next.clear()
             self.expected_keys.clear()
             self.costs = {"openai": Decimal("0"), "anthropic": Decimal("0")}
 
     def clear(self) -> None:
-        """Forget recorded requests."""
+        """Forget recorded requests (and WebSocket sessions)."""
         with self._lock:
             self.requests.clear()
+            self.ws_sessions.clear()
 
     def _scenario_for(self, rec: RecordedRequest) -> Scenario:
         header = rec.headers.get(SCENARIO_HEADER)
         if header:
             return Scenario.parse(header)
+        if rec.endpoint in ("costs", "cost_report") or rec.endpoint in mock_ws.WS_ENDPOINTS:
+            with self._lock:
+                return dataclasses.replace(self._default)
+        return self._take_scenario(rec.path)
+
+    def _take_scenario(self, path: str) -> Scenario:
+        """The first queued ``set_next`` matching ``path`` (consumed), else the default."""
         with self._lock:
-            if rec.endpoint not in ("costs", "cost_report"):
-                for i, (sc, match) in enumerate(self._next):
-                    if match is None or (fnmatch.fnmatch(rec.path, match) if "*" in match else match in rec.path):
-                        del self._next[i]
-                        return dataclasses.replace(sc)
+            for i, (sc, match) in enumerate(self._next):
+                if match is None or (fnmatch.fnmatch(path, match) if "*" in match else match in path):
+                    del self._next[i]
+                    return dataclasses.replace(sc)
             return dataclasses.replace(self._default)
+
+    def _scenario_for_ws(self, sess: mock_ws.RecordedWsSession, override: str | None = None) -> Scenario:
+        """Scenario of one model call on a socket: the message's own ``metadata.mock_scenario``,
+        else the upgrade's ``x-mock-scenario``, else the next ``set_next`` matching the path,
+        else the default. (The upgrade itself never consumes ``set_next``.)"""
+        if override:
+            return Scenario.parse(override)
+        if sess.scenario_header:
+            return Scenario.parse(sess.scenario_header)
+        return self._take_scenario(sess.path)
 
     # ---- records
 
@@ -1224,6 +1354,40 @@ class MockProvider:
             rec.seq = self._seq
             self.requests.append(rec)
             self._lock.notify_all()
+
+    def _record_ws(self, sess: mock_ws.RecordedWsSession) -> None:
+        with self._lock:
+            self._ws_seq += 1
+            sess.seq = self._ws_seq
+            self.ws_sessions.append(sess)
+            self._lock.notify_all()
+
+    def wait_for_ws(self, n: int = 1, timeout: float = 5.0, closed: bool = False) -> list[mock_ws.RecordedWsSession]:
+        """Wait until at least ``n`` WebSocket upgrades arrived (and, with ``closed``, ended)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self.ws_sessions) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"mock saw {len(self.ws_sessions)} WebSocket session(s), wanted {n}")
+                self._lock.wait(left)
+            snapshot = list(self.ws_sessions)
+        if closed:
+            for sess in snapshot[:n]:
+                sess.wait_closed(max(0.0, deadline - time.monotonic()))
+        return snapshot
+
+    @property
+    def last_ws(self) -> mock_ws.RecordedWsSession:
+        with self._lock:
+            if not self.ws_sessions:
+                raise AssertionError("the mock received no WebSocket upgrade")
+            return self.ws_sessions[-1]
+
+    def find_ws(self, *, endpoint: str | None = None, path: str | None = None) -> list[mock_ws.RecordedWsSession]:
+        with self._lock:
+            return [s for s in self.ws_sessions
+                    if (endpoint is None or s.endpoint == endpoint) and (path is None or path in s.path)]
 
     def _track(self, conn: Any, add: bool) -> None:
         with self._lock:
@@ -1285,6 +1449,14 @@ def main(argv: list[str] | None = None) -> int:
                 if len(mock.requests) > 1000:
                     del mock.requests[:500]
         mock._record = _record  # type: ignore[method-assign]
+        orig_ws = mock._record_ws
+
+        def _record_ws(sess: mock_ws.RecordedWsSession) -> None:
+            orig_ws(sess)
+            with mock._lock:
+                if len(mock.ws_sessions) > 200:
+                    del mock.ws_sessions[:100]
+        mock._record_ws = _record_ws  # type: ignore[method-assign]
     print(mock.port, flush=True)
     print(f"mock provider at {mock.url} cert={mock.cert_path}", file=sys.stderr, flush=True)
     done = threading.Event()
