@@ -256,6 +256,16 @@ def test_odd_model_names_round_trip_through_the_exposition(model: str) -> None:
     assert dict(key)["model"] == model
 
 
+@pytest.mark.parametrize("model", ["lone \ud800 surrogate", "nul\x00byte", "m" * 101])
+def test_unexposable_model_names_fold_into_other(model: str) -> None:
+    """One hostile model name must not break /metrics for every scrape after it."""
+    stage, m = new_stage()
+    stage.response(finished_flow(model=model))
+    (key,) = series(m)["spendgate_requests_total"]
+    assert dict(key)["model"] == "other"
+    generate_latest(m.registry).decode("utf-8")
+
+
 # --------------------------------------------------------------------------- cardinality
 
 

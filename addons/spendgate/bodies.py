@@ -135,6 +135,14 @@ class _Duplicate(ValueError):
     pass
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constants(name: str) -> Any:
+    raise _NotJson(f"{name} is not JSON")
+
+
 def _depth(doc: Any) -> int:
     deepest, stack = 0, [(doc, 1)]
     while stack:
@@ -165,9 +173,11 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
                          "to the provider.")
 
     try:
-        doc = json.loads(raw, object_pairs_hook=_no_duplicates)
+        doc = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except _Duplicate as e:
         raise bad(f"has the key {str(e)[:100]!r} twice") from None
+    except _NotJson as e:
+        raise bad(f"holds {e} (NaN and Infinity are not JSON)") from None
     except RecursionError:
         raise bad(f"is nested more than {MAX_JSON_DEPTH} levels deep") from None
     except UnicodeDecodeError:

@@ -7,8 +7,8 @@ answers a dead upstream with its own HTML page and never times out an upstream t
 a request and then says nothing. `install()` replaces mitmproxy's `HttpStream` and
 `Http1Server` (looked up by name when a connection starts) with the subclasses below:
 
-- a request a stage refused at its headers is answered at once; its body is discarded as it
-  arrives (HTTP/1: then the connection closes), never buffered;
+- a request a stage refused at its headers is answered at once and its body is never read
+  into memory (HTTP/1: the connection closes; HTTP/2: the stream's DATA is dropped);
 - a body passing `max_request_bytes` while it arrives gets the gateway's 413;
 - HTTP/1 request headers are bounded in size (431) and in time (408, against slowloris);
 - no response headers within `upstream_timeout`, or a response silent for
@@ -55,7 +55,6 @@ log = logging.getLogger("spendgate.edge")
 
 # Timers re-arm at most this far ahead: a finished request leaves at most one short timer behind.
 TIMER_PERIOD = 5.0
-LINGER_SECONDS = 30.0  # how long a refused request's body is read (and dropped) so the client sees the answer
 
 
 @dataclass(frozen=True)
@@ -108,8 +107,7 @@ class GatewayHttpStream(HttpStream):
     _last_data = 0.0  # when the upstream last sent response data
     _answered = False  # the client has the gateway's own answer; what follows is dropped
     _streaming = False  # response headers went to the client: too late for a status code
-    _dropped = 0  # bytes of a refused request's body read and thrown away
-    _linger_until = 0.0
+    _dropped = 0  # bytes of a refused request's body read and thrown away (HTTP/2)
 
     # -- events ---------------------------------------------------------------
 
@@ -153,14 +151,17 @@ class GatewayHttpStream(HttpStream):
         yield from super().state_consume_request_body(event)
 
     def _answer_before_body(self) -> layer.CommandGenerator[None]:
-        """Send the refusal now; the body still on its way is read and dropped, never kept."""
+        """Send the refusal now; the body still on its way is never read into memory.
+
+        HTTP/1: the connection closes after the answer (what follows on it is that body). HTTP/2:
+        only the stream is done; its remaining DATA frames are dropped as they come.
+        """
         response = self.flow.response
         assert response is not None
         h1 = not (self.flow.request.is_http2 or self.flow.request.is_http3)
         if h1:
-            response.headers["connection"] = "close"  # after this body nothing on the connection is trustworthy
+            response.headers["connection"] = "close"
         self.client_state = self.state_drop_request_body
-        self._linger_until = time.monotonic() + LINGER_SECONDS
         response.timestamp_start = time.time()
         yield HttpResponseHeadersHook(self.flow)
         if (yield from self.check_killed(True)):
@@ -168,12 +169,14 @@ class GatewayHttpStream(HttpStream):
         yield from self.send_response()
         yield self._to_client(ResponseEndOfMessage(self.stream_id))
         self._answered = True
+        if h1:
+            yield from self._close_client("request refused before its body was read")
 
     def state_drop_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, RequestData):
             self._dropped += len(event.data)
-            if self._dropped > _conf().limits.max_request_bytes or time.monotonic() > self._linger_until:
-                yield from self._close_client("refused request body too long to drain")
+            if self._dropped > _conf().limits.max_request_bytes:
+                yield from self._close_client("the body of a refused request passed max_request_bytes")
         elif isinstance(event, RequestEndOfMessage):
             self.client_state = self.state_done
             self.flow.live = False
@@ -261,7 +264,6 @@ class GatewayHttpStream(HttpStream):
             yield DropStream(self.stream_id)
         else:
             self.client_state = self.state_drop_request_body
-            self._linger_until = time.monotonic() + LINGER_SECONDS
 
     def _cancel_upstream(self, why: str) -> layer.CommandGenerator[None]:
         yield SendHttp(RequestProtocolError(self.stream_id, why, ErrorCode.CANCEL), self.context.server)

@@ -34,6 +34,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 MAX_UNKNOWN_MODELS = 50
+
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_write", "reasoning")
 
 
@@ -60,10 +61,22 @@ class ModelLabels:
             return canonical
         if key in self._unknown:
             return model
-        if len(self._unknown) < self._max_unknown and len(model) <= 100:
+        if len(self._unknown) < self._max_unknown and _exposable(model):
             self._unknown.add(key)
             return model
         return "other"
+
+
+def _exposable(model: str) -> bool:
+    """Quotes, newlines and any Unicode are escaped by the exposition; a lone surrogate (from a JSON
+    "\\ud800") cannot be encoded at all and a NUL upsets parsers: either would break /metrics for everyone."""
+    if len(model) > 100 or "\x00" in model:
+        return False
+    try:
+        model.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Metrics:

@@ -250,4 +250,6 @@ class Pricer:
         if len(self._warned) >= _MEMO_LIMIT:
             return  # a flood of made-up names: stay quiet rather than grow
         self._warned.add((provider, model))
-        log.warning("no price for provider=%s model=%s (%s); cost recorded as unknown", provider, model, why)
+        # %r: a model name comes from the client and may hold anything (newlines, lone surrogates).
+        log.warning("no price for provider=%s model=%r (%s); cost recorded as unknown", provider,
+                    model[:200] if model else model, why)

@@ -76,8 +76,9 @@ class Routing:
         call.extra["client_addr"] = flow.client_conn.peername[0] if flow.client_conn.peername else None
         call.extra["user_agent"] = req.headers.get("user-agent")
         flow.metadata[META] = call
-        wrong = misdirection(target, MODEL_PORT if tls else 80, names)
-        if wrong is None and self.provider_for(target.host) is None:
+        to_model_host = self.provider_for(target.host) is not None
+        wrong = None if (to_model_host and not tls) else misdirection(target, MODEL_PORT if tls else 80, names)
+        if wrong is None and not to_model_host:
             wrong = f"{target} is not a {provider.name} host"
         if wrong is not None:
             log.info("refused %s %s from %s: misdirected (%s)", req.method, target, _peer(flow), wrong)
