@@ -119,12 +119,11 @@ def keys_create(
         key_id, key = store.create_key(
             user, team=team, models=models or (), expires_at=parse_when(expires) if expires else None, rpm=rpm,
             byok=byok, capture_content=capture_content, capture_reason=reason, actor=actor,
+            cap=(parse_usd(cap), period) if cap is not None and period is not None else None,
         )
     except StoreError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
-    if cap is not None and period is not None:
-        _set_budget(store, "user", user, cap, period, actor)
     from spendgate.onboarding import onboard_lines
 
     lines = onboard_lines(settings, user, key)

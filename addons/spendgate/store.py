@@ -225,8 +225,13 @@ class Store:
         capture_content: bool = False,
         capture_reason: str | None = None,
         actor: str | None = None,
+        cap: tuple[int, str] | None = None,
     ) -> tuple[str, str]:
-        """Mint a key; returns (key_id, full key). The full key exists only in this return value."""
+        """Mint a key; returns (key_id, full key). The full key exists only in this return value.
+
+        `cap` (nano-USD, period) sets the user's cap in the same transaction: a gateway that sees
+        the key sees its cap, never the key alone.
+        """
         if capture_content and not capture_reason:
             raise StoreError("content capture needs a reason (--reason)")
         if user in RESERVED_NAMES or team in RESERVED_NAMES:
@@ -252,6 +257,8 @@ class Store:
             if capture_content:
                 self._event(s, actor, "content_capture.on", key_id, {"capture_content": False},
                             {"capture_content": True, "reason": capture_reason})
+            if cap is not None:
+                self._set_budget(s, "user", user, cap[0], cap[1], actor)
             s.commit()
         return key_id, keyfmt.format_key(key_id, secret)
 
@@ -490,25 +497,27 @@ class Store:
     # -- budgets --------------------------------------------------------------
 
     def set_budget(self, scope: str, name: str, cap_nusd: int, period: str, actor: str | None = None) -> None:
+        with Session(self.engine) as s:
+            self._set_budget(s, scope, name, cap_nusd, period, actor or default_actor())
+            s.commit()
+
+    def _set_budget(self, s: Session, scope: str, name: str, cap_nusd: int, period: str, actor: str) -> None:
         if scope not in ("user", "team", "global"):
             raise StoreError(f"scope must be user, team or global (got {scope!r})")
         if period not in PERIODS:
             raise StoreError(f"period must be day, week or month (got {period!r})")
         if cap_nusd < 0:
             raise StoreError("a cap cannot be negative")
-        actor = actor or default_actor()
         now = utcnow()
-        with Session(self.engine) as s:
-            b = s.exec(select(Budget).where(Budget.scope == scope, Budget.name == name)).first()
-            before = None if b is None else {"cap_usd": _usd(b.cap_nusd), "period": b.period}
-            if b is None:
-                b = Budget(scope=scope, name=name, period=period, cap_nusd=cap_nusd, created_at=now, updated_at=now)
-            else:
-                b.period, b.cap_nusd, b.updated_at = period, cap_nusd, now
-            s.add(b)
-            self._bump(s)
-            self._event(s, actor, "budget.set", f"{scope}:{name}", before, {"cap_usd": _usd(cap_nusd), "period": period})
-            s.commit()
+        b = s.exec(select(Budget).where(Budget.scope == scope, Budget.name == name)).first()
+        before = None if b is None else {"cap_usd": _usd(b.cap_nusd), "period": b.period}
+        if b is None:
+            b = Budget(scope=scope, name=name, period=period, cap_nusd=cap_nusd, created_at=now, updated_at=now)
+        else:
+            b.period, b.cap_nusd, b.updated_at = period, cap_nusd, now
+        s.add(b)
+        self._bump(s)
+        self._event(s, actor, "budget.set", f"{scope}:{name}", before, {"cap_usd": _usd(cap_nusd), "period": period})
 
     def load_budgets(self) -> list[BudgetDef]:
         with Session(self.engine) as s:
