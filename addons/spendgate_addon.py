@@ -15,24 +15,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mitmproxy import ctx, exceptions  # noqa: E402
 
-from spendgate.pipeline import Pipeline  # noqa: E402
-from spendgate.runtime import Runtime  # noqa: E402
+from spendgate.gateway import Gateway  # noqa: E402
 from spendgate.settings import ConfigError, load_settings  # noqa: E402
-from spendgate.stages import build_stages, install_edge  # noqa: E402
+from spendgate.stages.pipeline import Pipeline  # noqa: E402
 
 
 class SpendgateScript:
     """Builds the runtime once the `spendgate_config` option is known, then hands events to the pipeline."""
 
     def __init__(self) -> None:
-        self.rt: Runtime | None = None
+        self.gw: Gateway | None = None
         self.pipeline: Pipeline | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option("spendgate_config", str, "", "Path of the Spendgate config file (TOML).")
 
     def configure(self, updated: set[str]) -> None:
-        if "spendgate_config" not in updated and self.rt is not None:
+        if "spendgate_config" not in updated and self.gw is not None:
             return
         try:
             settings = load_settings(ctx.options.spendgate_config or None)
@@ -43,16 +42,15 @@ class SpendgateScript:
         if any(p.upstream and not p.verify_upstream_tls for p in settings.providers) and not ctx.options.ssl_insecure:
             # Scripts run before mitmproxy's TLS set-up, so per-upstream relaxing is not possible here.
             ctx.options.update(ssl_insecure=True)
-        if self.rt is not None:
-            self.rt.stop()
-        self.rt = Runtime.build(settings)
-        self.rt.start()
-        install_edge(settings)
-        self.pipeline = Pipeline(build_stages(self.rt))
+        if self.gw is not None:
+            self.gw.stop()
+        self.gw = Gateway(settings)
+        self.gw.start()
+        self.pipeline = self.gw.pipeline()
 
     def done(self) -> None:
-        if self.rt is not None:
-            self.rt.stop()
+        if self.gw is not None:
+            self.gw.stop()
 
     async def _run(self, hook: str, arg: Any) -> None:
         fn = getattr(self.pipeline, hook, None)

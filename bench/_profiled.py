@@ -1,4 +1,5 @@
-"""Run a Python console script with cProfile off until signal SIGRTMIN+1; SIGRTMIN+2 stops it and writes the stats of that window to OUT.1, OUT.2, ...
+"""Run a Python console script with cProfile off until signal SIGRTMIN+1; SIGRTMIN+2 stops it and
+writes the stats of that window to OUT.1, OUT.2, ...
 
     python bench/_profiled.py OUT /path/to/script [script args...]
 

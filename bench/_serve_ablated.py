@@ -2,9 +2,11 @@
 
     SPENDGATE_BENCH_DROP=Record,MetricsStage python bench/_serve_ablated.py serve --config PATH
 
-Names are the stage classes of spendgate.stages.build_stages. Identity and Forward cannot be
-dropped: without them nothing is attributed or sent to the configured upstream. A benchmark
-tool only: a gateway without its Record stage keeps no audit log.
+Names are the stage classes `spendgate.stages.build_stages` returns (TlsPolicy, Routing, Identity,
+Destinations, RateLimit, Policy, Budgets, Meter, Forward, Record, MetricsStage, AlertFeed). Routing,
+Identity and Forward cannot be dropped: without them no request is attributed to a provider and a
+key, or sent to the configured upstream. A benchmark tool only: a gateway without its Record stage
+keeps no audit log.
 """
 
 from __future__ import annotations
@@ -12,27 +14,30 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addons"))
 
-import spendgate.serve as serve_mod  # noqa: E402
 from spendgate.cli import app  # noqa: E402
+from spendgate.gateway import Gateway  # noqa: E402
+from spendgate.stages.pipeline import Pipeline  # noqa: E402
 
 DROP = {name for name in os.environ.get("SPENDGATE_BENCH_DROP", "").split(",") if name}
-if DROP & {"Identity", "Forward"}:
-    raise SystemExit("Identity and Forward cannot be dropped")
-_build = serve_mod.build_stages
+KEEP = {"Routing", "Identity", "Forward"}
+if DROP & KEEP:
+    raise SystemExit(f"{', '.join(sorted(DROP & KEEP))} cannot be dropped")
+_pipeline = Gateway.pipeline
 
 
-def _ablated(rt: Any) -> list[Any]:
-    stages = _build(rt)
-    unknown = DROP - {type(s).__name__ for s in stages}
+def _ablated(self: Gateway) -> Pipeline:
+    """The gateway's own pipeline (stages built and wired as `serve` does), minus the dropped stages."""
+    stages = _pipeline(self).stages
+    names = [type(s).__name__ for s in stages]
+    unknown = DROP - set(names)
     if unknown:
-        raise SystemExit(f"no such stage(s): {sorted(unknown)}; stages are {[type(s).__name__ for s in stages]}")
-    return [s for s in stages if type(s).__name__ not in DROP]
+        raise SystemExit(f"no such stage(s): {sorted(unknown)}; stages are {names}")
+    return Pipeline([s for s in stages if type(s).__name__ not in DROP])
 
 
-serve_mod.build_stages = _ablated
+Gateway.pipeline = _ablated  # type: ignore[method-assign]
 sys.argv[0] = "spendgate"
 app()

@@ -2,7 +2,8 @@
 
 N concurrent callers on one asyncio event loop (as mitmproxy's loop would be), each doing, per
 request, what the Record stage does: `await writer.begin(row)` (the "did it happen" insert, waited
-for) followed by `writer.update(...)` (the completion, queued and never waited for). The clock
+for) followed by `writer.finish(Finished(completed_row, begun=True))` (the completion, queued and
+never waited for). The clock
 stops when every begin() has returned and the writer's queue is empty.
 
     .venv/bin/python bench/audit_writer.py                    # 64 callers x 50 rows, SQLite then PostgreSQL
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 import tempfile
@@ -26,62 +28,70 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _procs import cpu_seconds, machine_busy_seconds, percentile  # noqa: E402  (also puts addons/ on sys.path)
 
+if TYPE_CHECKING:
+    from spendgate.store import Database
+    from spendgate.store.audit import AuditRow
+
 PG_ADMIN = os.environ.get("SPENDGATE_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def begin_row(i: int) -> dict[str, Any]:
-    """The columns Record writes before a request goes upstream."""
-    return {
-        "id": f"sgr_{uuid.uuid4().hex[:24]}",
-        "started_at": datetime.now(UTC),
-        "user": f"user{i % 20}",
-        "team": f"team{i % 4}",
-        "key_id": f"k{i % 20:07d}",
-        "provider": "openai",
-        "host": "api.openai.com",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "endpoint_kind": "chat",
-        "model_requested": "gpt-4o-mini",
-        "stream": bool(i % 2),
-        "request_bytes": 180 + i % 50,
-        "client_addr": "127.0.0.1",
-        "user_agent": "OpenAI/Python 1.99.0",
-        "instance_id": "bench",
-        "outcome": "incomplete",
-    }
+def begin_row(i: int) -> AuditRow:
+    """The row Record writes before a request goes upstream."""
+    from spendgate.store.audit import AuditRow
+
+    return AuditRow(
+        id=f"sgr_{uuid.uuid4().hex[:24]}",
+        started_at=datetime.now(UTC),
+        user=f"user{i % 20}",
+        team=f"team{i % 4}",
+        key_id=f"k{i % 20:07d}",
+        provider="openai",
+        host="api.openai.com",
+        method="POST",
+        path="/v1/chat/completions",
+        endpoint_kind="chat",
+        model_requested="gpt-4o-mini",
+        stream=bool(i % 2),
+        request_bytes=180 + i % 50,
+        client_addr="127.0.0.1",
+        user_agent="OpenAI/Python 1.99.0",
+        instance_id="bench",
+        outcome="incomplete",
+    )
 
 
-def completion_row(rid: str, i: int) -> dict[str, Any]:
-    """The columns Record writes when the request ends."""
-    return {
-        "id": rid,
-        "ended_at": datetime.now(UTC),
-        "latency_ms": 123.456,
-        "outcome": "completed",
-        "status_code": 200,
-        "error": None,
-        "response_bytes": 1500 + i % 100,
-        "ttft_ms": 45.6,
-        "input_tokens": 17 + i % 30,
-        "output_tokens": 5,
-        "cache_read_tokens": 0,
-        "cache_write_tokens": 0,
-        "reasoning_tokens": 0,
-        "usage_source": "provider",
-        "model_reported": "gpt-4o-mini-2024-07-18",
-        "upstream_request_id": f"req_{i:08d}",
-        "cost_nusd": 5550 + i,
-    }
+def completed_row(row: AuditRow, i: int) -> AuditRow:
+    """The same row as Record completes it when the request ends (only the COMPLETION columns are written)."""
+    return dataclasses.replace(
+        row,
+        ended_at=datetime.now(UTC),
+        latency_ms=123.456,
+        outcome="completed",
+        status_code=200,
+        error=None,
+        response_bytes=1500 + i % 100,
+        ttft_ms=45.6,
+        input_tokens=17 + i % 30,
+        output_tokens=5,
+        cache_read_tokens=0,
+        cache_write_tokens=0,
+        reasoning_tokens=0,
+        usage_source="provider",
+        model_reported="gpt-4o-mini-2024-07-18",
+        upstream_request_id=f"req_{i:08d}",
+        cost_nusd=5550 + i,
+    )
 
 
 async def run_callers(writer: Any, callers: int, rows: int) -> dict[str, Any]:
+    from spendgate.store.writer import Finished
+
     lat: list[float] = []
 
     async def caller(c: int) -> None:
@@ -91,7 +101,7 @@ async def run_callers(writer: Any, callers: int, rows: int) -> dict[str, Any]:
             await writer.begin(row)
             lat.append(time.perf_counter() - t0)
             await asyncio.sleep(0)  # the request is "upstream" now; let other callers run
-            writer.update(completion_row(row["id"], j))
+            writer.finish(Finished(completed_row(row, j), begun=True))
 
     b0, r0 = writer.stats.batches, writer.stats.committed_rows
     t0 = time.perf_counter()
@@ -116,10 +126,10 @@ async def run_callers(writer: Any, callers: int, rows: int) -> dict[str, Any]:
 
 
 def bench_backend(name: str, url: str, configs: list[tuple[int, int]]) -> None:
-    from spendgate.auditlog import AuditWriter
-    from spendgate.store import Store
+    from spendgate.store import Database
+    from spendgate.store.writer import AuditWriter
 
-    store = Store(url)
+    store = Database(url)
     store.upgrade()
     writer = AuditWriter(store)
     writer.start()
@@ -146,37 +156,44 @@ def bench_backend(name: str, url: str, configs: list[tuple[int, int]]) -> None:
         store.close()
 
 
-def transaction_costs(name: str, store: Any) -> None:
+def transaction_costs(name: str, store: Database) -> None:
     """What one writer transaction costs, called directly (no thread, no loop): at concurrency 1 the
     gateway commits two of these per request (the begin insert, then the completion update)."""
+    from spendgate.store import audit
+
+    def write(inserts: list[AuditRow], completions: list[AuditRow]) -> None:
+        with store.engine.begin() as conn:  # what the writer does for one batch without budget items
+            audit.write(conn, inserts, completions, [])
+
     def per_call(inserts: int, updates: int, calls: int) -> tuple[float, float]:
         batches = []
         for c in range(calls):
             # completions name rows that are already committed, as in the gateway
             existing = [begin_row(c * 100 + i) for i in range(updates)]
             if existing:
-                store.write_audit_batch(existing, [])
+                write(existing, [])
             batches.append(([begin_row(c * 100 + i) for i in range(inserts)],
-                            [completion_row(r["id"], i) for i, r in enumerate(existing)]))
+                            [completed_row(r, i) for i, r in enumerate(existing)]))
         c0, t0 = time.process_time(), time.perf_counter()
         for rows, ups in batches:
-            store.write_audit_batch(rows, ups)
+            write(rows, ups)
         return (time.perf_counter() - t0) / calls * 1e6, (time.process_time() - c0) / calls * 1e6
 
     cells = []
     for label, ins, upd, calls in (("1 insert", 1, 0, 200), ("1 update", 0, 1, 200), ("32 ins + 32 upd", 32, 32, 20)):
         wall, cpu = per_call(ins, upd, calls)
         cells.append(f"{label}: {wall:.0f} µs wall / {cpu:.0f} µs CPU")
-    print(f"  {'':<10} one write_audit_batch transaction: " + "; ".join(cells))
+    print(f"  {'':<10} one audit.write transaction: " + "; ".join(cells))
 
 
-def check(store: Any) -> None:
+def check(store: Database) -> None:
     import sqlalchemy as sa
 
     with store.engine.connect() as conn:
         total, done = conn.execute(sa.text(
             "SELECT count(*), sum(CASE WHEN outcome = 'completed' THEN 1 ELSE 0 END) FROM audit_log")).one()
-    print(f"  {'':<10} check: {total} rows in audit_log, {done} completed" + ("" if total == done else "  <-- MISMATCH"))
+    print(f"  {'':<10} check: {total} rows in audit_log, {done} completed"
+          + ("" if total == done else "  <-- MISMATCH"))
 
 
 @contextmanager
@@ -198,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [(1, 500), (args.callers, args.rows)]
     print(f"audit_writer: one process, one event loop + the writer thread; {os.cpu_count()} cores shared with "
           "whatever else runs (column 'other'; PostgreSQL's own backend process counts there too).")
-    print("Per request: await begin(insert) then update(completion) queued. 'rows/s' = requests whose begin "
+    print("Per request: await begin(insert) then finish(completion) queued. 'rows/s' = requests whose begin "
           "row and completion are both committed, per second;")
     print("'items/s' = inserts + updates committed per second; batch = one transaction of the writer "
           "(group commit). CPU = this process's CPU µs per item.")

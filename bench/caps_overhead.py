@@ -1,8 +1,9 @@
 """What caps cost: the pre-flight estimate and reservation, and throughput with caps on.
 
-1. Store level, in this process: the estimate (tiktoken + price), `Store.reserve` against 1 and
-   3 caps, and the settlement (as its own transaction, the worst case: in the gateway it rides in
-   the audit writer's group commit), p50/p99 in µs, on SQLite and PostgreSQL; and reservations/s
+1. Store level, in this process: the estimate (tiktoken + price), a reservation
+   (`spendgate.store.budgets.apply`, as its own transaction) against 1 and 3 caps, and the
+   settlement (as its own transaction, the worst case: in the gateway both ride in the audit
+   writer's group commit), p50/p99 in µs, on SQLite and PostgreSQL; and reservations/s
    when 8 threads hit the same cap row (the row lock serialises them).
 2. End to end through `spendgate serve` (audit log on) against the mock run as its own process:
    one gateway, two keys — one with no cap, one under a user and a team cap — alternated request
@@ -85,28 +86,39 @@ def us(values: list[float]) -> str:
 
 
 def store_level(label: str, url: str, n: int) -> None:
-    from spendgate.store import Store
+    from spendgate.store import Database, budgets
+    from spendgate.store.budgets import BudgetDef, ReserveRequest, ReserveResult, Settlement
+    from spendgate.store.keys import KeyStore
 
-    s = Store(url)
-    s.upgrade()
+    db = Database(url)
+    db.upgrade()
+    keys = KeyStore(db)
     for scope, name in (("user", "u"), ("team", "t"), ("global", "global")):
-        s.set_budget(scope, name, 10**18, "day", actor="bench")
-    defs = {b.scope: b for b in s.load_budgets()}
+        keys.set_budget(scope, name, 10**18, "day", actor="bench")
+    defs = {b.scope: b for b in keys.load_budgets()}
     one, three = [defs["user"]], [defs["user"], defs["team"], defs["global"]]
     ttl = timedelta(seconds=600)
     amount = 123_456
 
-    def cycle(budgets: list[Any]) -> tuple[list[float], list[float]]:
+    def reserve(rid: str, caps: list[BudgetDef], amt: int) -> ReserveResult:
+        request = ReserveRequest(rid, tuple(caps), amt, datetime.now(timezone.utc), ttl)
+        with db.engine.begin() as conn:
+            return budgets.apply(conn, [], [request])[0]
+
+    def settle(rid: str, result: ReserveResult, actual: int) -> None:
+        with db.engine.begin() as conn:
+            budgets.apply(conn, [Settlement(rid, result.refs, actual)], [])
+
+    def cycle(caps: list[BudgetDef]) -> tuple[list[float], list[float]]:
         res_t, settle_t = [], []
         for _ in range(n):
             rid = "sgr_" + uuid.uuid4().hex[:24]
-            now = datetime.now(timezone.utc)
             t0 = time.perf_counter()
-            r = s.reserve(rid, budgets, amount, now, ttl)
+            r = reserve(rid, caps, amount)
             t1 = time.perf_counter()
-            s.write_audit_batch([], [], (), [{"request_id": rid, "refs": r.refs, "actual_nusd": amount - 1}])
+            settle(rid, r, amount - 1)
             t2 = time.perf_counter()
-            assert r.ok
+            assert r.blocked is None
             res_t.append(t1 - t0)
             settle_t.append(t2 - t1)
         return sorted(res_t), sorted(settle_t)
@@ -116,7 +128,7 @@ def store_level(label: str, url: str, n: int) -> None:
     r3, s3 = cycle(three)
     print(f"  {label:<10} reserve, 1 cap     {us(r1)}")
     print(f"  {label:<10} reserve, 3 caps    {us(r3)}")
-    print(f"  {label:<10} settle,  1 cap     {us(s1)}   (own transaction; in the gateway it joins the audit batch)")
+    print(f"  {label:<10} settle,  1 cap     {us(s1)}   (own transaction; in the gateway both join the audit batch)")
     print(f"  {label:<10} settle,  3 caps    {us(s3)}")
 
     # 8 threads on the same user cap: every reservation waits for the row lock of the one before.
@@ -125,7 +137,7 @@ def store_level(label: str, url: str, n: int) -> None:
 
     def worker(i: int) -> None:
         while time.perf_counter() < stop:
-            s.reserve("sgr_" + uuid.uuid4().hex[:24], one, 1, datetime.now(timezone.utc), ttl)
+            reserve("sgr_" + uuid.uuid4().hex[:24], one, 1)
             counts[i] += 1
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
@@ -135,13 +147,13 @@ def store_level(label: str, url: str, n: int) -> None:
     for t in threads:
         t.join()
     print(f"  {label:<10} 8 threads, one cap row: {sum(counts) / (time.perf_counter() - t0):8.0f} reservations/s")
-    s.close()
+    db.close()
 
 
 def estimate_cost(n: int) -> None:
     from spendgate.pricing import Pricer
-    from spendgate.tokens import estimate_input_tokens
-    from spendgate.usage import EndpointKind, Family, Usage
+    from spendgate.providers.tokens import estimate_input_tokens
+    from spendgate.providers.wire import EndpointKind, Family, Usage
 
     pricer = Pricer({})
     small = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": po.PROMPT}], "stream": True}

@@ -33,8 +33,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _procs import (PYTHON, REPO_ROOT, MockProcess, cpu_seconds, machine_busy_seconds, percentile, port_open,
-                    wait_until)  # noqa: E402
+from _procs import (  # noqa: E402
+    PYTHON,
+    REPO_ROOT,
+    MockProcess,
+    cpu_seconds,
+    machine_busy_seconds,
+    percentile,
+    port_open,
+    wait_until,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 MITMDUMP = str(Path(PYTHON).parent / "mitmdump")
@@ -188,7 +196,13 @@ class Target:
     pid: int | None  # process whose CPU is the "proxy" CPU
 
 
-def start_bare_mitmdump(workdir: Path, mock_port: int, port: int, profile_to: Path | None = None) -> subprocess.Popen[bytes]:
+def mitmdump_ca(work: Path) -> str:
+    """The CA of the bare mitmdump that `start_bare_mitmdump(work / "mitmdump", ...)` runs."""
+    return str(work / "mitmdump" / "mitmdump-confdir" / "mitmproxy-ca-cert.pem")
+
+
+def start_bare_mitmdump(workdir: Path, mock_port: int, port: int,
+                        profile_to: Path | None = None) -> subprocess.Popen[bytes]:
     confdir = workdir / "mitmdump-confdir"
     confdir.mkdir(parents=True, exist_ok=True)
     cmd = [MITMDUMP]
@@ -206,8 +220,10 @@ def start_bare_mitmdump(workdir: Path, mock_port: int, port: int, profile_to: Pa
     log.close()
     ca = confdir / "mitmproxy-ca-cert.pem"
     try:
-        wait_until(lambda: (proc.poll() is None or _raise(f"mitmdump exited: {(workdir / 'mitmdump.log').read_text()[-2000:]}"))
-                   and ca.exists() and port_open(port), 30, "mitmdump")
+        def exited() -> bool:
+            return _raise(f"mitmdump exited: {(workdir / 'mitmdump.log').read_text()[-2000:]}")
+
+        wait_until(lambda: (proc.poll() is None or exited()) and ca.exists() and port_open(port), 30, "mitmdump")
     except Exception:
         proc.kill()
         raise
@@ -330,10 +346,11 @@ def run_load(target: Target, mock_pid: int, *, mode: str, concurrency: int, requ
 
 
 def fmt_row(name: str, r: dict[str, Any]) -> str:
-    proxy_cpu = (f"{r['proxy_cpu_us']:6.0f} ({r['proxy_loop_cpu_us']:.0f} loop + {r['proxy_threads_cpu_us']:.0f} threads)"
-                 if r["proxy_cpu_us"] else f"{'-':>6}")
+    proxy_cpu = (f"{r['proxy_cpu_us']:6.0f} ({r['proxy_loop_cpu_us']:.0f} loop + "
+                 f"{r['proxy_threads_cpu_us']:.0f} threads)" if r["proxy_cpu_us"] else f"{'-':>6}")
     line = (f"  {name:<9} {r['n']:>5} {r['rps']:>7.0f} {r['p50_ms']:>7.2f} {r['p90_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-            f"{r['ttfb_p50_ms']:>7.2f} {r['foreign_cpu']:>6.0%}   {r['loadgen_cpu_us']:>6.0f} {r['mock_cpu_us']:>6.0f} {proxy_cpu}")
+            f"{r['ttfb_p50_ms']:>7.2f} {r['foreign_cpu']:>6.0%}   {r['loadgen_cpu_us']:>6.0f} "
+            f"{r['mock_cpu_us']:>6.0f} {proxy_cpu}")
     if r["errors"]:
         kinds = "; ".join(f"{v}x {k}" for k, v in sorted(r["error_kinds"].items(), key=lambda kv: -kv[1])[:3])
         line += f"\n  {'':<9} ERRORS {r['errors']}: {kinds}"
@@ -376,8 +393,7 @@ def matrix(args: argparse.Namespace) -> int:
             procs.append(gw)
             targets = {
                 "direct": Target("direct", f"{mock.url}/v1/chat/completions", mock.cert_path, None, None),
-                "mitmdump": Target("mitmdump", TARGET_URL, str(work / "mitmdump" / "mitmdump-confdir" / "mitmproxy-ca-cert.pem"),
-                                   f"http://127.0.0.1:{md_port}", md.pid),
+                "mitmdump": Target("mitmdump", TARGET_URL, mitmdump_ca(work), f"http://127.0.0.1:{md_port}", md.pid),
                 "gateway": Target("gateway", TARGET_URL, str(gw.ca_path), gw.proxy_url(key, "bench"), gw.proc.pid),
             }
             print(f"mock pid {mock.pid}; bare mitmdump pid {md.pid}; spendgate serve pid {gw.proc.pid} "
@@ -470,7 +486,8 @@ ABLATIONS: list[tuple[str, tuple[str, ...] | None]] = [
     ("  - Record (no audit log)", ("Record",)),
     ("  - Budgets - RateLimit - Policy", ("Budgets", "RateLimit", "Policy")),
     ("  - Meter - Record - Metrics", ("Meter", "Record", "MetricsStage")),
-    ("only TlsPolicy+Identity+Forward", ("RateLimit", "Policy", "Budgets", "Meter", "Record", "MetricsStage")),
+    ("only Tls+Routing+Identity+Forward",
+     ("Destinations", "RateLimit", "Policy", "Budgets", "Meter", "Record", "MetricsStage")),
 ]
 
 
@@ -492,8 +509,7 @@ def ablate(args: argparse.Namespace) -> int:
                 if drop is None:
                     port = free_port()
                     proc = start_bare_mitmdump(work / "mitmdump", mock.port, port)
-                    target = Target(label, TARGET_URL, str(work / "mitmdump" / "mitmdump-confdir" / "mitmproxy-ca-cert.pem"),
-                                    f"http://127.0.0.1:{port}", proc.pid)
+                    target = Target(label, TARGET_URL, mitmdump_ca(work), f"http://127.0.0.1:{port}", proc.pid)
                 else:
                     gw, p, key = start_gateway(work / f"gw{i}", mock.url, drop=drop)
                     assert p is not None
@@ -553,8 +569,7 @@ def profile(args: argparse.Namespace) -> int:
                 if name == "mitmdump":
                     port = free_port()
                     proc = start_bare_mitmdump(work / "mitmdump", mock.port, port, profile_to=prof)
-                    target = Target(name, TARGET_URL, str(work / "mitmdump" / "mitmdump-confdir" / "mitmproxy-ca-cert.pem"),
-                                    f"http://127.0.0.1:{port}", proc.pid)
+                    target = Target(name, TARGET_URL, mitmdump_ca(work), f"http://127.0.0.1:{port}", proc.pid)
                 else:
                     gw, proc, key = start_gateway(work / "gateway", mock.url, profile_to=prof)
                     assert proc is not None
@@ -630,7 +645,8 @@ def compare_profiles(totals: dict[str, Any]) -> None:
     print(f"  {'TOTAL busy (excluding epoll wait)':<46} {tg:>9.1f} {tm:>9.1f} {tg - tm:>+9.1f}\n")
 
     st, n = totals["gateway"]
-    print("gateway: spendgate functions by cumulative time per request (µs; includes callees; async hooks count per resume):")
+    print("gateway: spendgate functions by cumulative time per request "
+          "(µs; includes callees; async hooks count per resume):")
     rows = []
     for (path, line, func), (_cc, nc, _tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
         if "/spendgate/" in path:

@@ -1,7 +1,7 @@
 """How long counting a 1 MB prompt takes, and whether the event loop stalls meanwhile.
 
 Counts an OpenAI chat body whose user message is 1 MiB of text with
-`spendgate.tokens.estimate_input_tokens`, the way the gateway does for large bodies
+`spendgate.providers.tokens.estimate_input_tokens`, the way the gateway does for large bodies
 (`await asyncio.to_thread(...)`), while a ticker coroutine sleeps 1 ms in a loop and records how
 late each tick wakes up. A late tick is time the loop could not serve other requests.
 
@@ -91,8 +91,8 @@ async def timed(work: Any, *, off_loop: bool) -> tuple[float, Any, dict[str, flo
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    from spendgate import tokens
-    from spendgate.usage import EndpointKind, Family
+    from spendgate.providers import tokens
+    from spendgate.providers.wire import EndpointKind, Family
 
     text = make_text(args.bytes)
     body = {"model": args.model, "messages": [{"role": "system", "content": "You are terse."},
@@ -132,7 +132,8 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"  {label:<29} {elapsed * 1000:8.1f} ms -> {what};  tick delay max {tick['max_ms']:7.2f} ms, "
               f"p99 {tick['p99_ms']:6.2f} ms ({tick['ticks']} ticks): {stalled}")
     print("  (the gateway loads its encodings once at start-up; a request never pays the load.)")
-    print(f"\n  1 MB prompt: median {statistics.median(times) * 1000:.1f} ms (min {min(times) * 1000:.1f}) to count off the loop "
+    print(f"\n  1 MB prompt: median {statistics.median(times) * 1000:.1f} ms (min {min(times) * 1000:.1f}) "
+          "to count off the loop "
           f"({len(text.encode()) / statistics.median(times) / 1e6:.1f} MB/s); worst tick delay meanwhile "
           f"{max(r[3]['max_ms'] for r in rows[:-1]):.2f} ms (idle baseline max {idle['max_ms']:.2f} ms).")
     return 0

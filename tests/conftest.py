@@ -19,7 +19,6 @@ from tests.rig.mock_provider import MockProvider  # noqa: E402
 from tests.rig.pg import PG_ADMIN_URL, throwaway_database  # noqa: E402,F401 - PG_ADMIN_URL is used by tests
 
 
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
@@ -105,10 +104,10 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def pg_module_url() -> Iterator[str]:
     """One migrated PostgreSQL database for a module (creating one per test costs a second each)."""
-    from spendgate.store import Store
+    from spendgate.store import Database
 
     with fresh_pg_database() as url:
-        s = Store(url)
-        s.upgrade()
-        s.close()
+        db = Database(url)
+        db.upgrade()
+        db.close()
         yield url

@@ -49,7 +49,7 @@ from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeader
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.utils import human
 
-from spendgate.call import new_request_id, REQUEST_ID_HEADER
+from spendgate.stages.call import REQUEST_ID_HEADER, new_request_id
 
 log = logging.getLogger("spendgate.edge")
 
@@ -201,7 +201,8 @@ class GatewayHttpStream(HttpStream):
             self.flow.server_conn.transport_protocol,
         )
         if err:
-            yield from self._fail_upstream(502, "spendgate_upstream_unreachable", f"The upstream could not be reached: {err}")
+            yield from self._fail_upstream(502, "spendgate_upstream_unreachable",
+                                           f"The upstream could not be reached: {err}")
             return False
         self.context.server = self.flow.server_conn = connection
         timeout = _conf().limits.upstream_timeout
@@ -237,7 +238,8 @@ class GatewayHttpStream(HttpStream):
             and self.server_state not in (self.state_done, self.state_errored)
         )
         if upstream_failed_first:
-            yield from self._fail_upstream(502, "spendgate_upstream_error", f"The upstream failed before answering: {event.message}")
+            yield from self._fail_upstream(502, "spendgate_upstream_error",
+                                           f"The upstream failed before answering: {event.message}")
             return
         yield from super().handle_protocol_error(event)
 

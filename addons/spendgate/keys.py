@@ -12,9 +12,9 @@ import hmac
 import re
 import secrets
 import string
-from urllib.parse import unquote
 from dataclasses import dataclass
 from datetime import datetime
+from urllib.parse import unquote
 
 _ALPHABET = string.ascii_letters + string.digits
 _ID_ALPHABET = string.ascii_lowercase + string.digits

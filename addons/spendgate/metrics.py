@@ -12,23 +12,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
-from mitmproxy import http
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_wsgi_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from spendgate.call import Call, get_call
+from spendgate.money import as_float
 from spendgate.pricing import Pricer
 
-if TYPE_CHECKING:
-    from spendgate.runtime import Runtime
-
-log = logging.getLogger("spendgate.metrics")
-
-disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double /metrics and no dashboard uses them
+log = logging.getLogger(__name__)
 
 # Model latencies run from tens of milliseconds (embeddings) to minutes (long reasoning streams).
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300)
@@ -83,20 +77,25 @@ class Metrics:
     """The metric objects, on their own registry (one per gateway process)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double /metrics; no dashboard uses them
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("spendgate_requests", "Requests to model hosts, by outcome.",
                                 ["user", "team", "provider", "model", "outcome"], registry=r)
-        self.tokens = Counter("spendgate_tokens", "Tokens by kind.", ["user", "team", "provider", "model", "kind"], registry=r)
+        self.tokens = Counter("spendgate_tokens", "Tokens by kind.",
+                              ["user", "team", "provider", "model", "kind"], registry=r)
         self.cost = Counter("spendgate_cost_usd", "Spend in USD.", ["user", "team", "provider", "model"], registry=r)
         self.duration = Histogram("spendgate_request_duration_seconds", "Request duration, end to end.",
                                   ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("spendgate_time_to_first_token_seconds", "Time to the first streamed chunk.",
                               ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.blocked = Counter("spendgate_blocked", "Requests the gateway refused, by reason.", ["user", "reason"], registry=r)
+        self.blocked = Counter("spendgate_blocked", "Requests the gateway refused, by reason.",
+                               ["user", "reason"], registry=r)
         self.alerts_sent = Counter("spendgate_alerts_sent", "Slack alerts delivered, by kind.", ["kind"], registry=r)
-        self.alert_failures = Counter("spendgate_alert_failures", "Slack alerts that could not be delivered.", registry=r)
-        self.overhead = Histogram("spendgate_overhead_seconds", "Time the gateway itself adds (upstream time excluded).",
+        self.alert_failures = Counter("spendgate_alert_failures", "Slack alerts that could not be delivered.",
+                                      registry=r)
+        self.overhead = Histogram("spendgate_overhead_seconds",
+                                  "Time the gateway itself adds (upstream time excluded).",
                                   ["provider"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.queue_depth = Gauge("spendgate_audit_queue_depth", "Audit rows waiting to be committed.", registry=r)
         self._server: WSGIServer | None = None
@@ -115,8 +114,10 @@ class Metrics:
 class StoreCollector(Collector):
     """Budget gauges and audit write errors, read at scrape time (cached briefly)."""
 
-    def __init__(self, rt: Runtime, ttl: float = 1.0, wait: float = 2.0) -> None:
-        self.rt = rt
+    def __init__(self, budget_status: Callable[[], list[dict[str, Any]]], write_errors: Callable[[], int],
+                 ttl: float = 1.0, wait: float = 2.0) -> None:
+        self.budget_status = budget_status
+        self.write_errors = write_errors
         self.ttl = ttl
         self.wait = wait  # a scrape never waits longer than this for the database
         self._cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
@@ -129,12 +130,12 @@ class StoreCollector(Collector):
         cap = GaugeMetricFamily("spendgate_budget_cap_usd", "The cap.", labels=["scope", "name", "period"])
         for b in self._budgets():
             labels = [b["scope"], b["name"], b["period"]]
-            spent.add_metric(labels, b["spent_nusd"] / 1e9)
-            cap.add_metric(labels, b["cap_nusd"] / 1e9)
+            spent.add_metric(labels, as_float(b["spent_nusd"]))
+            cap.add_metric(labels, as_float(b["cap_nusd"]))
         yield spent
         yield cap
         errors = CounterMetricFamily("spendgate_audit_write_errors", "Failed audit batch commits.")
-        errors.add_metric([], self.rt.writer.stats.write_errors)
+        errors.add_metric([], self.write_errors())
         yield errors
 
     def _budgets(self) -> list[dict[str, Any]]:
@@ -153,65 +154,8 @@ class StoreCollector(Collector):
 
     def _refresh(self) -> None:
         try:
-            rows = self.rt.store.budget_status()
+            rows = self.budget_status()
         except Exception as e:
             log.warning("metrics: cannot read budgets: %s", type(e).__name__)
             return
         self._cache = (time.monotonic(), rows)
-
-
-class MetricsStage:
-    """Last stage: counts each finished request (after record.py has settled its fields)."""
-
-    def __init__(self, rt: Runtime, metrics: Metrics, labels: Callable[[str, str | None], str]) -> None:
-        self.rt = rt
-        self.m = metrics
-        self.model_label = labels
-        metrics.registry.register(StoreCollector(rt))
-        metrics.queue_depth.set_function(lambda: rt.writer.queue_depth)
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._count(flow)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._count(flow)
-
-    def _count(self, flow: http.HTTPFlow) -> None:
-        call = get_call(flow)
-        if call is None or call.extra.get("counted") or not call.extra.get("finished"):
-            return
-        call.extra["counted"] = True
-        fields: dict[str, Any] = call.extra.get("final", {})
-        user = call.key.user if call.key else "unknown"
-        team = (call.key.team if call.key else None) or "none"
-        provider = call.provider.name
-        model = self.model_label(provider, fields.get("model_reported") or call.model_requested)
-        outcome = call.outcome or "incomplete"
-        self.m.requests.labels(user, team, provider, model, outcome).inc()
-        if outcome.startswith("blocked_"):
-            self.m.blocked.labels(user, outcome.removeprefix("blocked_")).inc()
-        for kind in TOKEN_KINDS:
-            n = fields.get(f"{kind}_tokens") or 0
-            if n:
-                self.m.tokens.labels(user, team, provider, model, kind).inc(n)
-        cost = fields.get("cost_nusd")
-        if cost:
-            self.m.cost.labels(user, team, provider, model).inc(cost / 1e9)
-        latency = fields.get("latency_ms")
-        if latency is not None and not outcome.startswith("blocked_"):
-            self.m.duration.labels(provider, model).observe(latency / 1000)
-        ttft = fields.get("ttft_ms")
-        if ttft is not None:
-            self.m.ttft.labels(provider, model).observe(ttft / 1000)
-        overhead = overhead_seconds(call)
-        if overhead is not None:
-            self.m.overhead.labels(provider).observe(overhead)
-
-
-def overhead_seconds(call: Call) -> float | None:
-    """Gateway time before the request leaves plus time spent settling the answer."""
-    pre: float | None = call.extra.get("t_pre")
-    if pre is None:
-        return None
-    post: float = call.extra.get("t_post", 0.0)
-    return pre + post

@@ -6,58 +6,25 @@ Prices come from `[prices.overrides]` when configured, else from genai-prices' b
 from __future__ import annotations
 
 import logging
-from typing import Any
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
+from typing import Any
 
 import genai_prices
 from genai_prices.data_snapshot import get_snapshot
 
-from spendgate.usage import Usage
+from spendgate.money import parse_amount
+from spendgate.providers import BUILTIN_PROVIDERS
+from spendgate.providers.wire import Usage
 
-__all__ = ["GENAI_PROVIDER_IDS", "PriceOverride", "Pricer"]
+__all__ = ["PriceOverride", "Pricer"]
 
 log = logging.getLogger(__name__)
 
 _MILLION = Decimal(1_000_000)
 # Model names come from clients: bound what we remember about them.
 _MEMO_LIMIT = 10_000
-
-# Spendgate provider name -> genai-prices provider id.
-GENAI_PROVIDER_IDS: Mapping[str, str] = {
-    "openai": "openai",
-    "anthropic": "anthropic",
-    "gemini": "google",
-    "google": "google",
-    "azure": "azure",
-    "mistral": "mistral",
-    "groq": "groq",
-    "deepseek": "deepseek",
-    "openrouter": "openrouter",
-    "xai": "x-ai",
-    "x-ai": "x-ai",
-    "together": "together",
-}
-
-
-def parse_amount(value: object) -> Decimal:
-    """A non-negative USD amount from config or CLI text; ValueError otherwise.
-
-    >>> parse_amount(2.1)
-    Decimal('2.1')
-    """
-    # str() first: Decimal(2.1) would carry the float's binary error into every bill.
-    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
-        raise ValueError(f"not an amount: {value!r}")
-    try:
-        result = Decimal(str(value))
-    except InvalidOperation:
-        raise ValueError(f"not an amount: {value!r}") from None
-    if not result.is_finite() or result < 0:
-        raise ValueError(f"not an amount: {value!r}")
-    return result
-
 
 def _price(value: object) -> Decimal:
     try:
@@ -242,7 +209,8 @@ class Pricer:
 
     @staticmethod
     def _provider_id(provider: str) -> str:
-        return GENAI_PROVIDER_IDS.get(provider.lower(), provider.lower())
+        spec = BUILTIN_PROVIDERS.get(provider.lower())
+        return spec.genai_prices_id if spec is not None else provider.lower()
 
     def _warn_once(self, provider: str, model: str | None, why: str) -> None:
         if (provider, model) in self._warned:

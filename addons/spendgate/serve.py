@@ -13,10 +13,8 @@ import signal
 from mitmproxy import options
 from mitmproxy.tools.dump import DumpMaster
 
-from spendgate.runtime import Runtime
+from spendgate.gateway import Gateway
 from spendgate.settings import Settings
-from spendgate.pipeline import Pipeline
-from spendgate.stages import build_stages, install_edge
 
 log = logging.getLogger("spendgate")
 
@@ -36,21 +34,20 @@ def configure_mitmproxy(opts: options.Options, settings: Settings) -> None:
 
 
 async def _run(settings: Settings) -> None:
-    rt = Runtime.build(settings)
-    await asyncio.to_thread(rt.start)
+    gw = Gateway(settings)
+    await asyncio.to_thread(gw.start)
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
     configure_mitmproxy(opts, settings)
-    install_edge(settings)
-    master.addons.add(Pipeline(build_stages(rt)))  # type: ignore[no-untyped-call]
+    master.addons.add(gw.pipeline())  # type: ignore[no-untyped-call]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, master.shutdown)
-    log.info("spendgate proxy on %s, metrics on %s", settings.proxy.listen, settings.metrics_listen)
+    log.info("spendgate proxy on %s, metrics on %s", settings.proxy.listen, settings.metrics.listen)
     try:
         await master.run()
     finally:
-        await asyncio.to_thread(rt.stop)
+        await asyncio.to_thread(gw.stop)
 
 
 def serve(settings: Settings) -> None:

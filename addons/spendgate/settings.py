@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from spendgate.access import parse_destination
-from spendgate.pricing import PriceOverride, parse_amount
+from spendgate.money import parse_amount
+from spendgate.pricing import PriceOverride
 from spendgate.providers import BUILTIN_PROVIDERS, ProviderSpec
 
 DEFAULT_CONFIG_NAME = "spendgate.toml"
@@ -32,7 +33,11 @@ class HostPort:
     port: int
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# One dataclass per TOML table. Their defaults are the only defaults: `parse_settings` reads
+# every missing key from them.
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,29 @@ class ProxySettings:
     stream_idle_timeout_seconds: float = 300.0
     header_timeout_seconds: float = 30.0
     max_header_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite:///spendgate.db"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: HostPort = HostPort("127.0.0.1", 9464)
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    capture_content: bool = False
+    content_retention_days: int = 30
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    fail_closed: bool = True
+    default_max_output_tokens: int = 4096
+    reservation_ttl_seconds: int = 600
 
 
 @dataclass(frozen=True)
@@ -66,6 +94,7 @@ class ProviderSettings:
     upstream: Upstream | None
     verify_upstream_tls: bool
     admin_api_key: str | None = None
+    configured: bool = False  # the config file has a [providers.NAME] table
 
     def __repr__(self) -> str:  # never print the key
         return f"ProviderSettings(name={self.name!r}, hosts={self.hosts!r}, upstream={self.upstream!r})"
@@ -105,21 +134,28 @@ class BackstopSettings:
 
 
 @dataclass(frozen=True)
-class Settings:
-    config_path: Path | None = None
-    proxy: ProxySettings = field(default_factory=ProxySettings)
-    database_url: str = "sqlite:///spendgate.db"
-    metrics_listen: HostPort = HostPort("127.0.0.1", 9464)
-    capture_content: bool = False
-    content_retention_days: int = 30
-    fail_closed: bool = True
-    default_max_output_tokens: int = 4096
-    reservation_ttl_seconds: int = 600
-    providers: tuple[ProviderSettings, ...] = ()
+class AlertSettings:
     slack: SlackSettings = field(default_factory=SlackSettings)
     spike: SpikeSettings = field(default_factory=SpikeSettings)
     backstop: BackstopSettings = field(default_factory=BackstopSettings)
-    price_overrides: Mapping[str, PriceOverride] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PriceSettings:
+    overrides: Mapping[str, PriceOverride] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_path: Path | None = None
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
+    providers: tuple[ProviderSettings, ...] = ()
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    prices: PriceSettings = field(default_factory=PriceSettings)
 
     def provider(self, name: str) -> ProviderSettings | None:
         for p in self.providers:
@@ -146,7 +182,8 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     raw: dict[str, Any] = {}
     if cfg_path is not None:
         if not cfg_path.exists():
-            raise ConfigError(f"config file {cfg_path} does not exist: create it (see config/spendgate.example.toml) or drop --config")
+            raise ConfigError(f"config file {cfg_path} does not exist: "
+                              "create it (see config/spendgate.example.toml) or drop --config")
         try:
             raw = tomllib.loads(cfg_path.read_text())
         except tomllib.TOMLDecodeError as e:
@@ -156,83 +193,94 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
 
 def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], cfg_path: Path | None = None) -> Settings:
     _known(raw, "", {"proxy", "database", "metrics", "audit", "budgets", "providers", "alerts", "prices"})
-    proxy_raw = _table(raw, "proxy")
-    _known(proxy_raw, "proxy.", {
-        "listen", "confdir", "max_request_bytes", "block_other_hosts", "allow_ports", "allow_destinations",
-        "upstream_timeout_seconds", "stream_idle_timeout_seconds", "header_timeout_seconds", "max_header_bytes",
-    })
+    P = ProxySettings()
+    p = _section(raw, "proxy", P)
     proxy = ProxySettings(
-        listen=_hostport(proxy_raw.get("listen", "127.0.0.1:8080"), "proxy.listen"),
-        confdir=Path(_str(proxy_raw.get("confdir", "~/.spendgate"), "proxy.confdir", env)).expanduser(),
-        max_request_bytes=_posint(proxy_raw.get("max_request_bytes", 32 * 1024 * 1024), "proxy.max_request_bytes"),
-        block_other_hosts=_bool(proxy_raw.get("block_other_hosts", False), "proxy.block_other_hosts"),
-        allow_ports=_ports(proxy_raw.get("allow_ports", [443]), "proxy.allow_ports"),
-        allow_destinations=_destinations(proxy_raw.get("allow_destinations", []), "proxy.allow_destinations"),
-        upstream_timeout_seconds=_posfloat(proxy_raw.get("upstream_timeout_seconds", 600), "proxy.upstream_timeout_seconds"),
-        stream_idle_timeout_seconds=_posfloat(proxy_raw.get("stream_idle_timeout_seconds", 300),
+        listen=_hostport(p.get("listen", str(P.listen)), "proxy.listen"),
+        confdir=Path(_str(p.get("confdir", "~/.spendgate"), "proxy.confdir", env)).expanduser(),
+        max_request_bytes=_posint(p.get("max_request_bytes", P.max_request_bytes), "proxy.max_request_bytes"),
+        block_other_hosts=_bool(p.get("block_other_hosts", P.block_other_hosts), "proxy.block_other_hosts"),
+        allow_ports=_ports(p.get("allow_ports", list(P.allow_ports)), "proxy.allow_ports"),
+        allow_destinations=_destinations(p.get("allow_destinations", list(P.allow_destinations)),
+                                         "proxy.allow_destinations"),
+        upstream_timeout_seconds=_posfloat(p.get("upstream_timeout_seconds", P.upstream_timeout_seconds),
+                                           "proxy.upstream_timeout_seconds"),
+        stream_idle_timeout_seconds=_posfloat(p.get("stream_idle_timeout_seconds", P.stream_idle_timeout_seconds),
                                               "proxy.stream_idle_timeout_seconds"),
-        header_timeout_seconds=_posfloat(proxy_raw.get("header_timeout_seconds", 30), "proxy.header_timeout_seconds"),
-        max_header_bytes=_posint(proxy_raw.get("max_header_bytes", 65536), "proxy.max_header_bytes"),
+        header_timeout_seconds=_posfloat(p.get("header_timeout_seconds", P.header_timeout_seconds),
+                                         "proxy.header_timeout_seconds"),
+        max_header_bytes=_posint(p.get("max_header_bytes", P.max_header_bytes), "proxy.max_header_bytes"),
     )
-    db_raw = _table(raw, "database")
-    _known(db_raw, "database.", {"url"})
-    db_url = _database_url(_str(db_raw.get("url", "sqlite:///spendgate.db"), "database.url", env))
-    metrics_raw = _table(raw, "metrics")
-    _known(metrics_raw, "metrics.", {"listen"})
-    audit_raw = _table(raw, "audit")
-    _known(audit_raw, "audit.", {"capture_content", "content_retention_days"})
-    budgets_raw = _table(raw, "budgets")
-    _known(budgets_raw, "budgets.", {"fail_closed", "default_max_output_tokens", "reservation_ttl_seconds"})
-    providers = _providers(_table(raw, "providers"), env)
-    alerts_raw = _table(raw, "alerts")
-    _known(alerts_raw, "alerts.", {"slack", "spike", "backstop"})
-    slack_raw = _table(alerts_raw, "slack", "alerts.")
-    _known(slack_raw, "alerts.slack.", {"webhook_url", "bot_token", "channel", "thresholds", "api_url"})
-    thresholds = slack_raw.get("thresholds", [50, 80, 100])
+    D = DatabaseSettings()
+    db = _section(raw, "database", D)
+    database = DatabaseSettings(url=_database_url(_str(db.get("url", D.url), "database.url", env), cfg_path))
+    M = MetricsSettings()
+    metrics = MetricsSettings(listen=_hostport(_section(raw, "metrics", M).get("listen", str(M.listen)),
+                                               "metrics.listen"))
+    A = AuditSettings()
+    a = _section(raw, "audit", A)
+    audit = AuditSettings(
+        capture_content=_bool(a.get("capture_content", A.capture_content), "audit.capture_content"),
+        content_retention_days=_posint(a.get("content_retention_days", A.content_retention_days),
+                                       "audit.content_retention_days"),
+    )
+    B = BudgetSettings()
+    b = _section(raw, "budgets", B)
+    budgets = BudgetSettings(
+        fail_closed=_bool(b.get("fail_closed", B.fail_closed), "budgets.fail_closed"),
+        default_max_output_tokens=_posint(b.get("default_max_output_tokens", B.default_max_output_tokens),
+                                          "budgets.default_max_output_tokens"),
+        reservation_ttl_seconds=_posint(b.get("reservation_ttl_seconds", B.reservation_ttl_seconds),
+                                        "budgets.reservation_ttl_seconds"),
+    )
+    return Settings(
+        config_path=cfg_path, proxy=proxy, database=database, metrics=metrics, audit=audit, budgets=budgets,
+        providers=_providers(_table(raw, "providers"), env), alerts=_alerts(_table(raw, "alerts"), env),
+        prices=PriceSettings(_price_overrides(_table(raw, "prices"))),
+    )
+
+
+def _alerts(raw: Mapping[str, Any], env: Mapping[str, str]) -> AlertSettings:
+    _known(raw, "alerts.", {"slack", "spike", "backstop"})
+    S = SlackSettings()
+    sl = _section(raw, "slack", S, "alerts.")
+    thresholds = sl.get("thresholds", list(S.thresholds))
     if not isinstance(thresholds, list) or not all(isinstance(t, int) and 0 < t <= 1000 for t in thresholds):
         raise ConfigError("alerts.slack.thresholds must be a list of whole percentages, e.g. [50, 80, 100]")
     slack = SlackSettings(
-        webhook_url=_optional_secret(slack_raw.get("webhook_url"), "alerts.slack.webhook_url", env),
-        bot_token=_optional_secret(slack_raw.get("bot_token"), "alerts.slack.bot_token", env),
-        channel=_optional_str(slack_raw.get("channel"), "alerts.slack.channel", env),
+        webhook_url=_optional_secret(sl.get("webhook_url"), "alerts.slack.webhook_url", env),
+        bot_token=_optional_secret(sl.get("bot_token"), "alerts.slack.bot_token", env),
+        channel=_optional_str(sl.get("channel"), "alerts.slack.channel", env),
         thresholds=tuple(sorted(set(thresholds))),
-        api_url=_str(slack_raw.get("api_url", "https://slack.com/api/"), "alerts.slack.api_url", env),
+        api_url=_str(sl.get("api_url", S.api_url), "alerts.slack.api_url", env),
     )
-    spike_raw = _table(alerts_raw, "spike", "alerts.")
-    _known(spike_raw, "alerts.spike.", {"window_seconds", "baseline_seconds", "factor", "min_usd", "min_requests"})
+    K = SpikeSettings()
+    sp = _section(raw, "spike", K, "alerts.")
     spike = SpikeSettings(
-        window_seconds=_posint(spike_raw.get("window_seconds", 300), "alerts.spike.window_seconds"),
-        baseline_seconds=_posint(spike_raw.get("baseline_seconds", 3600), "alerts.spike.baseline_seconds"),
-        factor=_posfloat(spike_raw.get("factor", 10.0), "alerts.spike.factor"),
-        min_usd=_usd_amount(spike_raw.get("min_usd", 1), "alerts.spike.min_usd"),
-        min_requests=_posint(spike_raw.get("min_requests", 50), "alerts.spike.min_requests"),
+        window_seconds=_posint(sp.get("window_seconds", K.window_seconds), "alerts.spike.window_seconds"),
+        baseline_seconds=_posint(sp.get("baseline_seconds", K.baseline_seconds), "alerts.spike.baseline_seconds"),
+        factor=_posfloat(sp.get("factor", K.factor), "alerts.spike.factor"),
+        min_usd=_usd_amount(sp.get("min_usd", K.min_usd), "alerts.spike.min_usd"),
+        min_requests=_posint(sp.get("min_requests", K.min_requests), "alerts.spike.min_requests"),
     )
     if spike.baseline_seconds <= spike.window_seconds:
         raise ConfigError("alerts.spike.baseline_seconds must be longer than alerts.spike.window_seconds")
-    bs_raw = _table(alerts_raw, "backstop", "alerts.")
-    _known(bs_raw, "alerts.backstop.", {"interval_seconds", "budget_usd", "tolerance", "lookback_days"})
+    T = BackstopSettings()
+    bs = _section(raw, "backstop", T, "alerts.")
     backstop = BackstopSettings(
-        interval_seconds=_posint(bs_raw.get("interval_seconds", 3600), "alerts.backstop.interval_seconds"),
-        budget_usd=_usd_amount(bs_raw["budget_usd"], "alerts.backstop.budget_usd") if "budget_usd" in bs_raw else None,
-        tolerance=_posfloat(bs_raw.get("tolerance", 0.2), "alerts.backstop.tolerance"),
-        lookback_days=_posint(bs_raw.get("lookback_days", 1), "alerts.backstop.lookback_days"),
+        interval_seconds=_posint(bs.get("interval_seconds", T.interval_seconds), "alerts.backstop.interval_seconds"),
+        budget_usd=_usd_amount(bs["budget_usd"], "alerts.backstop.budget_usd") if "budget_usd" in bs else None,
+        tolerance=_posfloat(bs.get("tolerance", T.tolerance), "alerts.backstop.tolerance"),
+        lookback_days=_posint(bs.get("lookback_days", T.lookback_days), "alerts.backstop.lookback_days"),
     )
-    return Settings(
-        config_path=cfg_path,
-        spike=spike,
-        backstop=backstop,
-        proxy=proxy,
-        database_url=db_url,
-        metrics_listen=_hostport(metrics_raw.get("listen", "127.0.0.1:9464"), "metrics.listen"),
-        capture_content=_bool(audit_raw.get("capture_content", False), "audit.capture_content"),
-        content_retention_days=_posint(audit_raw.get("content_retention_days", 30), "audit.content_retention_days"),
-        fail_closed=_bool(budgets_raw.get("fail_closed", True), "budgets.fail_closed"),
-        default_max_output_tokens=_posint(budgets_raw.get("default_max_output_tokens", 4096), "budgets.default_max_output_tokens"),
-        reservation_ttl_seconds=_posint(budgets_raw.get("reservation_ttl_seconds", 600), "budgets.reservation_ttl_seconds"),
-        providers=providers,
-        slack=slack,
-        price_overrides=_price_overrides(_table(raw, "prices")),
-    )
+    return AlertSettings(slack, spike, backstop)
+
+
+def _section(raw: Mapping[str, Any], name: str, defaults: object, prefix: str = "") -> Mapping[str, Any]:
+    """The TOML table `name`, refusing keys its dataclass does not have."""
+    table = _table(raw, name, prefix)
+    _known(table, f"{prefix}{name}.", {f.name for f in fields(defaults)})  # type: ignore[arg-type]
+    return table
 
 
 def _providers(raw: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ProviderSettings, ...]:
@@ -252,7 +300,8 @@ def _providers(raw: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Provider
         api_key = _optional_secret(api_key_raw, f"{key}.api_key", env)
         hosts = p.get("hosts", list(spec.hosts))
         if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) and h for h in hosts):
-            raise ConfigError(f"{key}.hosts must be a non-empty list of host names or globs like \"*.openai.azure.com\"")
+            raise ConfigError(f"{key}.hosts must be a non-empty list of host names "
+                              "or globs like \"*.openai.azure.com\"")
         upstream = None
         if "upstream" in p:
             upstream = _upstream(p["upstream"], f"{key}.upstream")
@@ -262,10 +311,12 @@ def _providers(raw: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Provider
                 spec=spec,
                 hosts=tuple(h.lower() for h in hosts),
                 api_key=api_key,
-                api_key_source=api_key_raw if isinstance(api_key_raw, str) and api_key_raw.startswith("env:") else ("inline" if api_key else None),
+                api_key_source=(api_key_raw if isinstance(api_key_raw, str) and api_key_raw.startswith("env:")
+                                else ("inline" if api_key else None)),
                 upstream=upstream,
                 verify_upstream_tls=_bool(p.get("verify_upstream_tls", True), f"{key}.verify_upstream_tls"),
                 admin_api_key=_optional_secret(p.get("admin_api_key"), f"{key}.admin_api_key", env),
+                configured=name in raw,
             )
         )
     return tuple(out)
@@ -407,12 +458,19 @@ def _upstream(v: Any, key: str) -> Upstream:
     return Upstream(u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80))
 
 
-def _database_url(url: str) -> str:
+def _database_url(url: str, cfg_path: Path | None) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         # psycopg 3 is the driver we ship; the bare scheme would pick psycopg2.
         return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path and path != ":memory:" and not path.startswith("~") and not Path(path).is_absolute() and cfg_path:
+            # Relative to the config file, not to wherever a CLI command happens to run.
+            return "sqlite:///" + str((cfg_path.resolve().parent / path))
+        return "sqlite:///" + str(Path(path).expanduser()) if path.startswith("~") else url
     if not (url.startswith("sqlite:") or url.startswith("postgresql+psycopg://")):
         raise ConfigError(
-            f"database.url must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB (got scheme {url.split(':', 1)[0]!r})"
+            f"database.url must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB "
+            f"(got scheme {url.split(':', 1)[0]!r})"
         )
     return url

@@ -56,10 +56,12 @@ def main() -> int:
 
             run(env | tools.node_proxy_env(), "with NODE_OPTIONS=--require node-proxy.cjs")
             for rec in mock.wait_for(3, timeout=10):
-                print(f"    mock: {rec.method} {rec.path} provider={rec.provider} key={rec.header('authorization') or rec.header('x-api-key')}")
+                sent = rec.header("authorization") or rec.header("x-api-key")
+                print(f"    mock: {rec.method} {rec.path} provider={rec.provider} key={sent}")
             for row in gw.cli_json("audit", "--limit", "10"):
                 print(f"    audit: user={row['user']} {row['endpoint_kind']} model={row['model_requested']} "
-                      f"tokens={row['input_tokens']}/{row['output_tokens']} cost={row['cost_usd']} outcome={row['outcome']}")
+                      f"tokens={row['input_tokens']}/{row['output_tokens']} cost={row['cost_usd']} "
+                      f"outcome={row['outcome']}")
         finally:
             gw.stop()
     return 0

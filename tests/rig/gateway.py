@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,9 @@ PROVIDER_BASE_URLS = {
     "anthropic": "https://api.anthropic.com",
     "gemini": "https://generativelanguage.googleapis.com",
 }
+
+# The commands that open the database (and refuse one whose schema is missing or behind).
+SCHEMA_COMMANDS = frozenset({"keys", "budgets", "alerts", "audit", "usage", "purge"})
 
 _PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
 _CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO")
@@ -142,6 +146,11 @@ class GatewayProcess:
         env: extra environment for the gateway process (and its CLI calls).
         confdir: share a CA directory between instances (default ``<workdir>/confdir``).
         name: label used in logs and errors.
+        upgrade_new_database: before the first command that opens the database, run
+            ``spendgate db upgrade`` if the database is new (no schema yet), as an admin does; the
+            CLI itself never migrates. A database with an older schema is left alone. ``serve``
+            initialises a new database by itself, so this only matters for commands run before
+            any gateway has started on it.
     """
 
     def __init__(
@@ -157,6 +166,7 @@ class GatewayProcess:
         name: str = "gateway",
         proxy_port: int | None = None,
         metrics_port: int | None = None,
+        upgrade_new_database: bool = True,
     ) -> None:
         self.name = name
         self.workdir = Path(workdir)
@@ -177,6 +187,9 @@ class GatewayProcess:
         self.extra_config = extra_config
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
+        self.upgrade_new_database = upgrade_new_database
+        self._schema_checked = False
+        self._schema_lock = threading.Lock()  # tests run commands side by side
         self.write_config()
 
     # ---- config
@@ -312,9 +325,45 @@ class GatewayProcess:
 
     # ---- CLI
 
+    def database_is_new(self) -> bool:
+        """True when the configured database has no Spendgate schema yet (a SQLite file that does not
+        exist counts). False when it has one, at any revision, or when it cannot be read (the CLI
+        will say why)."""
+        from spendgate.settings import load_settings
+        from spendgate.store import Database
+
+        try:
+            url = load_settings(self.config_path, environ=self.env()).database.url
+        except Exception:  # noqa: BLE001 - a broken config is for the command to report
+            return False
+        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+            return True
+        db = Database(url)
+        try:
+            return db.current_revision() is None
+        except Exception:  # noqa: BLE001 - an unreachable database is for the command to report
+            return False
+        finally:
+            db.close()
+
+    def prepare_database(self) -> None:
+        """``spendgate db upgrade``, once, if the database is new (see ``upgrade_new_database``)."""
+        if self._schema_checked or not self.upgrade_new_database:
+            return
+        with self._schema_lock:
+            if not self._schema_checked:
+                if self.database_is_new():
+                    self.cli("db", "upgrade")
+                self._schema_checked = True
+
     def cli(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60.0,
             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """``spendgate <args> --config PATH`` with the gateway's environment; text output."""
+        """``spendgate <args> --config PATH`` with the gateway's environment; text output.
+
+        A command that opens the database first gets the schema created on a new database
+        (``prepare_database``)."""
+        if args and str(args[0]) in SCHEMA_COMMANDS:
+            self.prepare_database()
         cmd = [str(SPENDGATE_BIN), *map(str, args), "--config", str(self.config_path)]
         proc_env = self.env() | dict(env or {})
         cp = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=timeout, env=proc_env,

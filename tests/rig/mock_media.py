@@ -124,7 +124,8 @@ def tiny_png() -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00\xff\xff\xff")) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00\xff\xff\xff"))
+            + chunk(b"IEND", b""))
 
 
 PNG_B64 = base64.b64encode(tiny_png()).decode()
@@ -169,8 +170,9 @@ def _image_answer(h: _Handler, rec: RecordedRequest, params: dict[str, Any], ima
         kind = "image_edit" if rec.endpoint == "image_edits" else "image_generation"
         events = []
         for i in range(int(params.get("partial_images") or 0)):
-            events.append(mp._Event(mp._sse({"type": f"{kind}.partial_image", "b64_json": PNG_B64, "created_at": created,
-                                             "partial_image_index": i, **meta}, event=f"{kind}.partial_image"),
+            events.append(mp._Event(mp._sse({"type": f"{kind}.partial_image", "b64_json": PNG_B64,
+                                             "created_at": created, "partial_image_index": i, **meta},
+                                            event=f"{kind}.partial_image"),
                                     content=True))
         done = {"type": f"{kind}.completed", "b64_json": PNG_B64, "created_at": created, **meta, "usage": usage}
         events.append(mp._Event(mp._sse(done, event=f"{kind}.completed"), content=True, final_usage=usage))
@@ -211,8 +213,8 @@ def silent_audio(fmt: str, pieces: int, chars: int) -> list[bytes]:
         if fmt == "pcm":
             return pcm
         size = sum(len(c) for c in pcm)
-        header = (b"RIFF" + struct.pack("<I", 36 + size) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, 24000, 48000, 2, 16)
-                  + b"data" + struct.pack("<I", size))
+        header = (b"RIFF" + struct.pack("<I", 36 + size) + b"WAVEfmt "
+                  + struct.pack("<IHHIIHH", 16, 1, 1, 24000, 48000, 2, 16) + b"data" + struct.pack("<I", size))
         return [header + pcm[0], *pcm[1:]]
     frame = b"\xff\xfb\x90\xc0" + b"\x00" * 413  # MPEG-1 Layer III, 128 kbit/s, 44.1 kHz, mono, silent
     return [frame * frames for _ in range(pieces)]
@@ -233,7 +235,8 @@ def ep_speech(h: _Handler, rec: RecordedRequest) -> None:
         t = rec.tokens
         usage = {"input_tokens": t["input_tokens"], "output_tokens": t["output_tokens"],
                  "total_tokens": t["input_tokens"] + t["output_tokens"]}
-        events = [mp._Event(mp._sse({"type": "speech.audio.delta", "audio": base64.b64encode(c).decode()}), content=True)
+        events = [mp._Event(mp._sse({"type": "speech.audio.delta", "audio": base64.b64encode(c).decode()}),
+                            content=True)
                   for c in chunks]
         events.append(mp._Event(mp._sse({"type": "speech.audio.done", "usage": usage}), final_usage=usage))
         h._send_stream(rec, events)
@@ -273,7 +276,8 @@ def ep_transcriptions(h: _Handler, rec: RecordedRequest) -> None:
                  "output_tokens": t["output_tokens"], "total_tokens": inp + t["output_tokens"]}
     if fields.get("stream") == "true" and not rec.model.startswith("whisper"):
         events = [mp._Event(mp._sse({"type": "transcript.text.delta", "delta": p}), content=True) for p in pieces]
-        events.append(mp._Event(mp._sse({"type": "transcript.text.done", "text": text, "usage": usage}), final_usage=usage))
+        events.append(mp._Event(mp._sse({"type": "transcript.text.done", "text": text, "usage": usage}),
+                                final_usage=usage))
         h._send_stream(rec, events)
     elif fmt in ("text", "srt", "vtt"):
         _send_bytes(h, rec, (text + "\n").encode(), "text/plain; charset=utf-8")

@@ -631,7 +631,8 @@ class _Handler(BaseHTTPRequestHandler):
             return [("request-id", rec.request_id or ""), ("anthropic-organization-id", "mock-org")]
         if rec.provider == "gemini":
             return [("x-goog-request-id", rec.request_id or ""), ("server-timing", "gfet4t7; dur=12")]
-        return [("x-request-id", rec.request_id or ""), ("openai-processing-ms", "12"), ("openai-version", "2020-10-01")]
+        return [("x-request-id", rec.request_id or ""), ("openai-processing-ms", "12"),
+                ("openai-version", "2020-10-01")]
 
     def _accepts_gzip(self, rec: RecordedRequest) -> bool:
         return "gzip" in rec.scenario.flags and "gzip" in (rec.headers.get("accept-encoding") or "")
@@ -668,7 +669,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_stream(self, rec: RecordedRequest, events: list[_Event], content_type: str = "text/event-stream") -> None:
         sc = rec.scenario
         headers = [
-            ("Content-Type", content_type if content_type != "text/event-stream" else "text/event-stream; charset=utf-8"),
+            ("Content-Type",
+             content_type if content_type != "text/event-stream" else "text/event-stream; charset=utf-8"),
             ("Cache-Control", "no-cache"),
             *self._provider_headers(rec),
         ]
@@ -852,7 +854,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _ep_openai_completions(self, rec: RecordedRequest) -> None:
         sc, t = rec.scenario, rec.tokens
         pieces = content_pieces(sc.chunks)
-        cid, created, model = f"cmpl-mock{rec.seq:06d}", int(rec.timestamp), rec.model_reported or "gpt-3.5-turbo-instruct"
+        cid, created = f"cmpl-mock{rec.seq:06d}", int(rec.timestamp)
+        model = rec.model_reported or "gpt-3.5-turbo-instruct"
         with_usage = "no_usage" not in sc.flags
         usage = openai_legacy_usage(t) if with_usage else None
         payload = rec.json if isinstance(rec.json, dict) else {}
@@ -990,7 +993,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _ep_anthropic_models(self, rec: RecordedRequest) -> None:
         data = [{"type": "model", "id": m, "display_name": m, "created_at": "2025-05-14T00:00:00Z"}
                 for m in ANTHROPIC_MODELS]
-        self._send_json(rec, 200, {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]})
+        self._send_json(rec, 200, {"data": data, "has_more": False, "first_id": data[0]["id"],
+                                   "last_id": data[-1]["id"]})
 
     def _ep_anthropic_cost_report(self, rec: RecordedRequest) -> None:
         q = {k: v[-1] for k, v in rec.query_params.items()}
@@ -1005,7 +1009,8 @@ class _Handler(BaseHTTPRequestHandler):
             buckets.append({"starting_at": _rfc3339(day), "ending_at": _rfc3339(nxt), "results": []})
             day = nxt
         if not buckets:
-            buckets.append({"starting_at": _rfc3339(day), "ending_at": _rfc3339(day + dt.timedelta(days=1)), "results": []})
+            buckets.append({"starting_at": _rfc3339(day), "ending_at": _rfc3339(day + dt.timedelta(days=1)),
+                            "results": []})
         cents = self.server.mock.costs["anthropic"] * 100
         buckets[-1]["results"] = [{
             "currency": "USD", "amount": format(cents.normalize(), "f") if cents else "0",
@@ -1107,7 +1112,8 @@ def _answers_asked(rec: RecordedRequest, payload: dict[str, Any]) -> int:
 
 _GEMINI_RE = re.compile(r"^/(?:v1beta|v1|v1alpha)/(?:models|tunedModels)/([^/:]+):(\w+)$")
 _AZURE_RE = re.compile(r"^/openai/deployments/([^/]+)(/.*)$")
-_GEMINI_METHODS = {"generateContent": "generate", "streamGenerateContent": "stream_generate", "countTokens": "count_tokens"}
+_GEMINI_METHODS = {"generateContent": "generate", "streamGenerateContent": "stream_generate",
+                   "countTokens": "count_tokens"}
 
 
 def _route(rec: RecordedRequest) -> None:

@@ -221,7 +221,8 @@ class RealtimeWs(_Protocol):
         kind = ev.get("type") if isinstance(ev, dict) else None
         client_id = ev.get("event_id") if isinstance(ev, dict) else None
         if not isinstance(ev, dict) or msg.kind == "binary":
-            yield self.send(None, self._error("invalid_request_error", "invalid_json", "Invalid JSON.", None, client_id))
+            yield self.send(None, self._error("invalid_request_error", "invalid_json", "Invalid JSON.", None,
+                                              client_id))
         elif kind == "session.update":
             upd = ev.get("session") if isinstance(ev.get("session"), dict) else {}
             self.session.update({k: v for k, v in upd.items() if k not in ("id", "object")})
@@ -417,7 +418,8 @@ class GeminiLive(_Protocol):
             if "hang" in sc.flags:
                 yield ("sleep", sc.hang_s)
             self.finish(call, False)
-            reason = "Resource has been exhausted (e.g. check quota)." if status == 429 else "Internal error encountered."
+            reason = ("Resource has been exhausted (e.g. check quota)." if status == 429
+                      else "Internal error encountered.")
             yield ("close", 1011, reason)
             return
         audio_in = sc.audio_input_tokens if sc.audio_input_tokens is not None else self.audio_bytes // 3200

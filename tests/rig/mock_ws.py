@@ -255,7 +255,8 @@ def serve(handler: _Handler, rec: RecordedRequest) -> None:
             refuse = (404, f"Invalid URL (GET {rec.path})")
         elif "reject" in up.flags:
             refuse = (up.status or 403, "Mock: WebSocket upgrade refused.")
-        elif rec.provider == "openai" and mock.expected_keys.get("openai") and _client_key(rec) != mock.expected_keys["openai"]:
+        elif (rec.provider == "openai" and mock.expected_keys.get("openai")
+              and _client_key(rec) != mock.expected_keys["openai"]):
             refuse = (401, "Mock: incorrect API key provided.")
         if refuse is not None:
             status, msg = refuse

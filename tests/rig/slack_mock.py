@@ -116,7 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(rec, 200, json.dumps({"ok": False, "error": "unknown_method"}).encode(), "application/json")
         rec.status = 404
 
-    def _send(self, rec: SlackRequest, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
+    def _send(self, rec: SlackRequest, status: int, body: bytes, ctype: str,
+              headers: dict[str, str] | None = None) -> None:
         rec.status = status
         self.send_response(status)
         self.send_header("content-type", ctype)

@@ -291,7 +291,8 @@ def _staging(final: Path) -> Iterator[Path]:
 
 
 _UNREACHABLE = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ETIMEDOUT", "ECONNRESET", "ENETUNREACH",
-                "Network is unreachable", "Temporary failure in name resolution", "Failed to establish a new connection",
+                "Network is unreachable", "Temporary failure in name resolution",
+                "Failed to establish a new connection",
                 "Max retries exceeded", "Could not fetch URL", "ConnectTimeoutError", "ReadTimeoutError",
                 "network request to", "request to https://")
 

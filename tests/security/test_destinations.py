@@ -142,8 +142,8 @@ def test_plain_http_proxying_follows_the_same_policy(gw_allow: GatewayProcess, c
 def test_plain_http_proxying_to_an_allowed_destination_works(client_allow: HostileClient, allow_key: str,
                                                              origin: Listener) -> None:
     with client_allow.direct() as conn:
-        r = conn.exchange(http1_request("GET", f"http://{origin.address}/",
-                                        [("Host", origin.address), ("Proxy-Authorization", basic("mallory", allow_key))]))
+        headers = [("Host", origin.address), ("Proxy-Authorization", basic("mallory", allow_key))]
+        r = conn.exchange(http1_request("GET", f"http://{origin.address}/", headers))
     assert (r.status, r.body) == (200, b"listener ok")
     assert origin.connections == 1
     assert b"Proxy-Authorization" not in origin.received and allow_key.encode() not in origin.received

@@ -94,8 +94,8 @@ def test_stream_cut_by_the_upstream_is_an_upstream_error(gw: GatewayProcess, cli
                                                          scan: SecretScan, mock_provider: MockProvider,
                                                          http2: bool) -> None:
     got = b""
-    with client.httpx(key, http2=http2) as h, \
-            h.stream("POST", OPENAI, content=STREAM_BODY, headers={**JSON, "x-mock-scenario": "truncate; chunks=8"}) as r:
+    truncated = {**JSON, "x-mock-scenario": "truncate; chunks=8"}
+    with client.httpx(key, http2=http2) as h, h.stream("POST", OPENAI, content=STREAM_BODY, headers=truncated) as r:
         assert r.http_version == _version(http2)
         with pytest.raises(httpx.TransportError):
             for chunk in r.iter_raw():

@@ -1,60 +1,96 @@
-"""What the gateway knows about each provider: hosts, where keys sit, error shapes.
+"""What the gateway knows about each provider, and the one place provider differences live.
 
-Pure data and functions, no I/O. Each wire family's JSON (endpoint kind, request facts, usage,
-stream events) is read by its adapter module here (openai, anthropic, gemini; interface in
-`base`), dispatched from `spendgate.usage`.
+A provider is a row of `BUILTIN_PROVIDERS` (hosts, where its key goes, its wire family, its
+genai-prices id, whether its path names the model). Each wire family's JSON (endpoint kind,
+request facts, prompt, usage, stream events) is read by its adapter (`openai`, `anthropic`,
+`gemini`; interface in `base`). Adding an OpenAI-compatible provider is one row here. Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-FamilyName = Literal["openai", "anthropic", "gemini"]
+from spendgate.providers import anthropic, gemini, openai
+from spendgate.providers.base import Prompt, WireAdapter
+from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Usage
+
 UpstreamAuth = Literal["bearer", "x-api-key", "api-key", "x-goog-api-key"]
+
+_AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
 
 
 @dataclass(frozen=True)
 class ProviderSpec:
     name: str
-    family: FamilyName  # wire format; the OpenAI-compatible providers speak "openai"
+    family: Family  # wire format; the OpenAI-compatible providers speak OPENAI
     hosts: tuple[str, ...]  # default hosts, globs allowed
     upstream_auth: UpstreamAuth
     default_key_env: str
     genai_prices_id: str
+    model_in_path: re.Pattern[str] | None = None  # the path names the model (Azure deployments)
 
 
 BUILTIN_PROVIDERS: dict[str, ProviderSpec] = {
     p.name: p
     for p in (
-        ProviderSpec("openai", "openai", ("api.openai.com",), "bearer", "OPENAI_API_KEY", "openai"),
-        ProviderSpec("anthropic", "anthropic", ("api.anthropic.com",), "x-api-key", "ANTHROPIC_API_KEY", "anthropic"),
-        ProviderSpec("gemini", "gemini", ("generativelanguage.googleapis.com",), "x-goog-api-key", "GEMINI_API_KEY", "google"),
-        ProviderSpec("azure", "openai", ("*.openai.azure.com",), "api-key", "AZURE_OPENAI_API_KEY", "azure"),
-        ProviderSpec("mistral", "openai", ("api.mistral.ai",), "bearer", "MISTRAL_API_KEY", "mistral"),
-        ProviderSpec("groq", "openai", ("api.groq.com",), "bearer", "GROQ_API_KEY", "groq"),
-        ProviderSpec("deepseek", "openai", ("api.deepseek.com",), "bearer", "DEEPSEEK_API_KEY", "deepseek"),
-        ProviderSpec("openrouter", "openai", ("openrouter.ai",), "bearer", "OPENROUTER_API_KEY", "openrouter"),
-        ProviderSpec("xai", "openai", ("api.x.ai",), "bearer", "XAI_API_KEY", "x-ai"),
-        ProviderSpec("together", "openai", ("api.together.xyz", "api.together.ai"), "bearer", "TOGETHER_API_KEY", "together"),
+        ProviderSpec("openai", Family.OPENAI, ("api.openai.com",), "bearer", "OPENAI_API_KEY", "openai"),
+        ProviderSpec("anthropic", Family.ANTHROPIC, ("api.anthropic.com",), "x-api-key", "ANTHROPIC_API_KEY",
+                     "anthropic"),
+        ProviderSpec("gemini", Family.GEMINI, ("generativelanguage.googleapis.com",), "x-goog-api-key",
+                     "GEMINI_API_KEY",
+                     "google"),
+        ProviderSpec("azure", Family.OPENAI, ("*.openai.azure.com",), "api-key", "AZURE_OPENAI_API_KEY", "azure",
+                     _AZURE_DEPLOYMENT),
+        ProviderSpec("mistral", Family.OPENAI, ("api.mistral.ai",), "bearer", "MISTRAL_API_KEY", "mistral"),
+        ProviderSpec("groq", Family.OPENAI, ("api.groq.com",), "bearer", "GROQ_API_KEY", "groq"),
+        ProviderSpec("deepseek", Family.OPENAI, ("api.deepseek.com",), "bearer", "DEEPSEEK_API_KEY", "deepseek"),
+        ProviderSpec("openrouter", Family.OPENAI, ("openrouter.ai",), "bearer", "OPENROUTER_API_KEY", "openrouter"),
+        ProviderSpec("xai", Family.OPENAI, ("api.x.ai",), "bearer", "XAI_API_KEY", "x-ai"),
+        ProviderSpec("together", Family.OPENAI, ("api.together.xyz", "api.together.ai"), "bearer", "TOGETHER_API_KEY",
+                     "together"),
     )
 }
 
-# Where SDKs put an API key. All are read and all are removed, whatever the provider.
-KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
-KEY_QUERY_PARAMS = ("key",)
-
-# Shapes of real provider keys, to tell "your own provider key" from garbage.
-_FOREIGN_KEY = re.compile(
-    r"^(sk-[A-Za-z0-9_\-]{16,}|sk-ant-[A-Za-z0-9_\-]{16,}|AIza[A-Za-z0-9_\-]{20,}|gsk_[A-Za-z0-9]{20,}|xai-[A-Za-z0-9]{20,}|[0-9a-f]{32})$"
-)
+_ADAPTERS: dict[Family, WireAdapter] = {
+    Family.OPENAI: openai.ADAPTER,
+    Family.ANTHROPIC: anthropic.ADAPTER,
+    Family.GEMINI: gemini.ADAPTER,
+}
 
 
-def looks_like_provider_key(value: str) -> bool:
-    return bool(_FOREIGN_KEY.match(value))
+def adapter_for(family: Family) -> WireAdapter:
+    return _ADAPTERS[family]
+
+
+def endpoint_kind_for(family: Family, method: str, path: str) -> EndpointKind:
+    """What a request is, from its method and path. Only POSTs generate tokens; a GET of
+    /v1/responses/{id} or of stored chat completions is OTHER."""
+    return _ADAPTERS[family].endpoint_kind(method, path)
+
+
+def request_facts(spec: ProviderSpec, kind: EndpointKind, body: Mapping[str, Any] | None, path: str) -> RequestFacts:
+    facts = _ADAPTERS[spec.family].request_facts(kind, body if isinstance(body, Mapping) else {}, path)
+    if facts.model is None and spec.model_in_path is not None:
+        m = spec.model_in_path.search(path.split("?", 1)[0])
+        if m:
+            facts = RequestFacts(m.group(1), facts.stream, facts.max_output_tokens)
+    return facts
+
+
+def usage_from_json(family: Family, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None:
+    """Usage from a non-streamed response body; None if it reports none."""
+    if not isinstance(body, Mapping):
+        return None
+    return _ADAPTERS[family].usage_from_json(kind, body)
+
+
+def prompt_of(family: Family, kind: EndpointKind, body: Mapping[str, Any]) -> Prompt | None:
+    """The text, media and framing a request's prompt is billed for; None for endpoints without one."""
+    return _ADAPTERS[family].prompt(kind, body) if isinstance(body, Mapping) else None
 
 
 class HostMatcher:
@@ -73,56 +109,3 @@ class HostMatcher:
             if fnmatch.fnmatchcase(host, pattern):
                 return name
         return None
-
-
-def strip_bearer(value: str) -> str:
-    scheme, _, rest = value.partition(" ")
-    if scheme.lower() == "bearer" and rest:
-        return rest.strip()
-    return value.strip()
-
-
-def upstream_auth_headers(spec: ProviderSpec, key: str) -> tuple[str, str]:
-    if spec.upstream_auth == "bearer":
-        return "authorization", f"Bearer {key}"
-    return spec.upstream_auth, key
-
-
-# -- error shapes ----------------------------------------------------------------
-
-_OPENAI_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 407: "authentication_error", 413: "invalid_request_error",
-    429: "rate_limit_exceeded", 502: "api_error", 503: "api_error", 504: "api_error",
-}
-_ANTHROPIC_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 407: "authentication_error", 413: "request_too_large",
-    429: "rate_limit_error", 502: "api_error", 503: "overloaded_error", 504: "api_error",
-}
-_GEMINI_STATUS = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-    407: "UNAUTHENTICATED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
-    502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
-}
-
-
-def error_body(family: str, status: int, code: str, message: str) -> bytes:
-    """A provider-shaped error, so that provider's SDK shows `message` to the developer."""
-    if family == "anthropic":
-        doc: dict[str, object] = {
-            "type": "error",
-            "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message},
-        }
-    elif family == "gemini":
-        doc = {"error": {"code": status, "message": message, "status": _GEMINI_STATUS.get(status, "UNKNOWN")}}
-    else:
-        doc = {
-            "error": {
-                "message": message,
-                "type": _OPENAI_TYPES.get(status, "api_error"),
-                "param": None,
-                "code": code,
-            }
-        }
-    return json.dumps(doc).encode()

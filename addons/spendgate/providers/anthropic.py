@@ -5,15 +5,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from spendgate.providers.base import StreamState, as_count, as_mapping, as_text, bare_path, output_limit
-from spendgate.wire import EndpointKind, Family, RequestFacts, Usage
+from spendgate.providers.base import (
+    Prompt,
+    StreamFormat,
+    StreamState,
+    as_count,
+    as_mapping,
+    as_text,
+    bare_path,
+    output_limit,
+    sse_only,
+)
+from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Usage
 
 __all__ = ["ADAPTER", "AnthropicAdapter"]
 
 
 class AnthropicAdapter:
     family = Family.ANTHROPIC
-    streams_json_array = False
 
     def endpoint_kind(self, method: str, path: str) -> EndpointKind:
         if method.upper() != "POST":
@@ -26,6 +35,24 @@ class AnthropicAdapter:
         return RequestFacts(
             model=as_text(body.get("model")), stream=body.get("stream") is True, max_output_tokens=output_limit(body)
         )
+
+    def prompt(self, kind: EndpointKind, body: Mapping[str, Any]) -> Prompt | None:
+        if kind is not EndpointKind.MESSAGES:
+            return None
+        p = Prompt()
+        p.walk(body.get("system"))
+        p.messages(body.get("messages"))
+        p.json(body.get("tools"))
+        return p
+
+    def prepare_stream(self, kind: EndpointKind, body: dict[str, Any]) -> bool:
+        return False  # message_start and message_delta always carry usage
+
+    def stream_format(self, content_type: str, stream: bool) -> StreamFormat | None:
+        return sse_only(content_type, stream)
+
+    def unask_usage(self, event: Mapping[str, Any], raw: bytes) -> bytes:
+        return raw
 
     def usage_from_json(self, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None:
         u = body.get("usage")

@@ -1,30 +1,42 @@
-"""The interface every wire family's adapter implements, and the stream state they update.
+"""The interface every wire family's adapter implements, and what adapters share.
 
-An adapter knows one family's JSON; framing (SSE, a streamed JSON array) and the byte-exact
-forwarding stay in `spendgate.usage.StreamTap`, which hands each decoded event to the adapter.
-Pure: no I/O.
+An adapter knows one family's JSON: what a request is and asks for, which parts of it are the
+prompt, how its streams are framed, and what a response says it used. Framing and byte-exact
+forwarding stay in `spendgate.providers.stream.StreamTap`, which hands each decoded event to
+the adapter. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from spendgate.wire import EndpointKind, Family, RequestFacts, Usage
+from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Usage
 
 __all__ = [
     "OUTPUT_TEXT_LIMIT",
+    "Prompt",
+    "StreamFormat",
     "StreamState",
     "WireAdapter",
     "as_count",
     "as_limit",
-    "output_limit",
     "as_mapping",
     "as_text",
     "bare_path",
+    "output_limit",
 ]
 
 OUTPUT_TEXT_LIMIT = 64 * 1024
+MESSAGE_OVERHEAD = 3  # tokens per message, as in OpenAI's cookbook; +3 priming the reply
+REPLY_PRIMING = 3
+
+
+class StreamFormat(StrEnum):
+    SSE = "sse"
+    JSON_ARRAY = "json-array"  # one JSON array sent piece by piece (Gemini without ?alt=sse)
 
 
 @runtime_checkable
@@ -32,14 +44,27 @@ class WireAdapter(Protocol):
     @property
     def family(self) -> Family: ...
 
-    @property
-    def streams_json_array(self) -> bool:
-        """True if a stream may be one JSON array sent piecemeal rather than SSE."""
-        ...
-
     def endpoint_kind(self, method: str, path: str) -> EndpointKind: ...
 
     def request_facts(self, kind: EndpointKind, body: Mapping[str, Any], path: str) -> RequestFacts: ...
+
+    def prompt(self, kind: EndpointKind, body: Mapping[str, Any]) -> Prompt | None:
+        """The parts of the request the provider bills as input; None for endpoints without a prompt."""
+        ...
+
+    def prepare_stream(self, kind: EndpointKind, body: dict[str, Any]) -> bool:
+        """Ask a stream to report its usage if it would not; True if the body was changed, and
+        the stream's usage-only event must then be removed before the client sees it."""
+        ...
+
+    def stream_format(self, content_type: str, stream: bool) -> StreamFormat | None:
+        """How a response with this content type is framed when streamed; None: not a stream."""
+        ...
+
+    def unask_usage(self, event: Mapping[str, Any], raw: bytes) -> bytes:
+        """A streamed event as the client would have got it had `prepare_stream` not changed the
+        request (`raw` are its bytes); b"" drops it."""
+        ...
 
     def usage_from_json(self, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None: ...
 
@@ -50,6 +75,10 @@ class WireAdapter(Protocol):
     def observe(self, kind: EndpointKind, event: Mapping[str, Any], state: StreamState) -> None:
         """Take what one streamed event says (usage, model, id, end, text) into `state`."""
         ...
+
+
+def sse_only(content_type: str, stream: bool) -> StreamFormat | None:
+    return StreamFormat.SSE if content_type.startswith("text/event-stream") else None
 
 
 class StreamState:
@@ -87,7 +116,90 @@ class StreamState:
         self._text_len += n
 
 
-# Lenient readers: a provider's JSON is not trusted to have the documented types.
+# -- prompts ------------------------------------------------------------------------------------
+
+_MEDIA_TYPES = frozenset({"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file",
+                          "document"})
+_MEDIA_KEYS = frozenset({"inline_data", "inlineData", "file_data", "fileData", "image_url", "input_audio"})
+# Never prompt text: identifiers, enums, binary payloads, signatures.
+_SKIP_KEYS = frozenset({
+    "type", "role", "id", "call_id", "tool_call_id", "tool_use_id", "cache_control", "signature", "data", "url",
+    "source", "mime_type", "mimeType", "media_type", "detail", "index", "status", "encrypted_content", "file_id",
+    "thoughtSignature",
+})
+_MAX_DEPTH = 64
+
+
+class Prompt:
+    """What a request's prompt is made of, collected by an adapter for counting: text parts, media
+    parts (priced flat, never decoded) and per-message framing tokens."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.media = 0
+        self.overhead = 0
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.parts)
+
+    def walk(self, node: object, depth: int = 0) -> None:
+        if isinstance(node, str):
+            self.parts.append(node)
+        elif depth > _MAX_DEPTH:
+            return  # no real prompt nests this deep; don't let a crafted body blow the stack
+        elif isinstance(node, list):
+            for item in node:
+                self.walk(item, depth + 1)
+        elif isinstance(node, dict):
+            if node.get("type") in _MEDIA_TYPES or any(k in node for k in _MEDIA_KEYS):
+                self.media += 1
+                return
+            for key, value in node.items():
+                if key in _SKIP_KEYS:
+                    continue
+                if key in ("arguments", "args", "input", "response") and not isinstance(value, str):
+                    # Structured tool arguments / results: the model reads them as JSON.
+                    self.json(value)
+                else:
+                    self.walk(value, depth + 1)
+
+    def json(self, value: object) -> None:
+        if value is not None:
+            try:
+                self.parts.append(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+            except (ValueError, TypeError, RecursionError):
+                pass
+
+    def messages(self, messages: object) -> None:
+        if isinstance(messages, list):
+            for message in messages:
+                self.overhead += MESSAGE_OVERHEAD
+                self.walk(message)
+            self.overhead += REPLY_PRIMING
+        else:
+            self.walk(messages)
+
+    def turns(self, turns: object) -> None:
+        """Gemini `contents`: framing per turn, no reply priming."""
+        if isinstance(turns, list):
+            for turn in turns:
+                self.overhead += MESSAGE_OVERHEAD
+                self.walk(turn)
+
+    def token_lists(self, value: object) -> bool:
+        """Prompts may already be token ids (completions / embeddings): count, don't encode."""
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            self.overhead += len(value)
+            return True
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            if all(isinstance(t, int) for v in value for t in v):
+                self.overhead += sum(len(v) for v in value)
+                return True
+        return False
+
+
+# -- lenient readers: a provider's JSON is not trusted to have the documented types -------------
 
 
 def as_count(value: object) -> int:

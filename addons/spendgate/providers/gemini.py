@@ -8,8 +8,18 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from spendgate.providers.base import StreamState, as_count, as_limit, as_mapping, as_text, bare_path
-from spendgate.wire import EndpointKind, Family, RequestFacts, Usage
+from spendgate.providers.base import (
+    Prompt,
+    StreamFormat,
+    StreamState,
+    as_count,
+    as_limit,
+    as_mapping,
+    as_text,
+    bare_path,
+    sse_only,
+)
+from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Usage
 
 __all__ = ["ADAPTER", "GeminiAdapter"]
 
@@ -18,7 +28,6 @@ _MODEL_IN_PATH = re.compile(r"/(?:tuned)?[mM]odels/([^/:?]+):")
 
 class GeminiAdapter:
     family = Family.GEMINI
-    streams_json_array = True
 
     def endpoint_kind(self, method: str, path: str) -> EndpointKind:
         if method.upper() != "POST":
@@ -36,6 +45,27 @@ class GeminiAdapter:
             stream=path.endswith(":streamGenerateContent"),
             max_output_tokens=as_limit(as_mapping(body.get("generationConfig")).get("maxOutputTokens")),
         )
+
+    def prompt(self, kind: EndpointKind, body: Mapping[str, Any]) -> Prompt | None:
+        if kind is not EndpointKind.CHAT:
+            return None
+        p = Prompt()
+        p.walk(body.get("systemInstruction") or body.get("system_instruction"))
+        p.turns(body.get("contents"))
+        p.json(body.get("tools"))
+        return p
+
+    def prepare_stream(self, kind: EndpointKind, body: dict[str, Any]) -> bool:
+        return False  # every streamed chunk carries usageMetadata
+
+    def stream_format(self, content_type: str, stream: bool) -> StreamFormat | None:
+        # Without ?alt=sse a stream is one JSON array sent piece by piece.
+        if stream and content_type.startswith("application/json"):
+            return StreamFormat.JSON_ARRAY
+        return sse_only(content_type, stream)
+
+    def unask_usage(self, event: Mapping[str, Any], raw: bytes) -> bytes:
+        return raw
 
     def usage_from_json(self, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None:
         u = body.get("usageMetadata")

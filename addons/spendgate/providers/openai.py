@@ -7,8 +7,18 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from spendgate.providers.base import StreamState, as_count, as_mapping, as_text, bare_path, output_limit
-from spendgate.wire import EndpointKind, Family, RequestFacts, Usage
+from spendgate.providers.base import (
+    Prompt,
+    StreamFormat,
+    StreamState,
+    as_count,
+    as_mapping,
+    as_text,
+    bare_path,
+    output_limit,
+    sse_only,
+)
+from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Usage
 
 __all__ = ["ADAPTER", "OpenAIAdapter", "add_include_usage", "cut_usage_null", "is_usage_only_chunk"]
 
@@ -19,7 +29,6 @@ _USAGE_NULL_BEFORE = re.compile(rb'"usage"\s*:\s*null\s*,')
 
 class OpenAIAdapter:
     family = Family.OPENAI
-    streams_json_array = False
 
     def endpoint_kind(self, method: str, path: str) -> EndpointKind:
         if method.upper() != "POST":
@@ -39,6 +48,48 @@ class OpenAIAdapter:
         return RequestFacts(
             model=as_text(body.get("model")), stream=body.get("stream") is True, max_output_tokens=output_limit(body)
         )
+
+    def prompt(self, kind: EndpointKind, body: Mapping[str, Any]) -> Prompt | None:
+        p = Prompt()
+        if kind is EndpointKind.CHAT:
+            p.messages(body.get("messages"))
+            p.json(body.get("tools"))
+            p.json(body.get("functions"))
+            p.json(_response_schema(body.get("response_format")))
+        elif kind is EndpointKind.RESPONSES:
+            p.walk(body.get("instructions"))
+            value = body.get("input")
+            if isinstance(value, list):
+                p.messages(value)
+            else:
+                p.walk(value)
+            p.json(body.get("tools"))
+            p.json(_response_schema(as_mapping(body.get("text")).get("format")))
+        elif kind is EndpointKind.COMPLETIONS:
+            if not p.token_lists(body.get("prompt")):
+                p.walk(body.get("prompt"))
+        elif kind is EndpointKind.EMBEDDINGS:
+            if not p.token_lists(body.get("input")):
+                p.walk(body.get("input"))
+        else:
+            return None
+        return p
+
+    def prepare_stream(self, kind: EndpointKind, body: dict[str, Any]) -> bool:
+        # Exact streamed counts: ask for the usage chunk (the tap removes it before the client sees it).
+        return kind in (EndpointKind.CHAT, EndpointKind.COMPLETIONS) and add_include_usage(body)
+
+    def stream_format(self, content_type: str, stream: bool) -> StreamFormat | None:
+        return sse_only(content_type, stream)
+
+    def unask_usage(self, event: Mapping[str, Any], raw: bytes) -> bytes:
+        """Undo what include_usage did to one event: the usage-only chunk goes, and the
+        `"usage":null` member of every other chunk is cut out."""
+        if is_usage_only_chunk(event):
+            return b""
+        if "usage" in event and event["usage"] is None:
+            return cut_usage_null(raw)
+        return raw
 
     def usage_from_json(self, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None:
         u = body.get("usage")
@@ -84,6 +135,11 @@ class OpenAIAdapter:
 
 
 ADAPTER = OpenAIAdapter()
+
+
+def _response_schema(fmt: object) -> object:
+    fmt = as_mapping(fmt)
+    return fmt.get("json_schema") or fmt.get("schema")
 
 
 def _observe_chunk(obj: Mapping[str, Any], state: StreamState) -> None:

@@ -1,0 +1,79 @@
+"""The request's path: one mitmproxy addon per stage, run in list order by the `Pipeline`.
+
+    tls → routing → identity → destinations → rate limit → policy → budget → meter → forward
+        → record → metrics → alerts
+
+Within one mitmproxy event the stages run in this order: a refusal by an early stage is seen
+by the later ones (`flow.response` is set) and they step aside. When a request ends, each
+stage's `finish` runs once, in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import Protocol
+
+from spendgate.access import DestinationPolicy
+from spendgate.metrics import Metrics
+from spendgate.pricing import Pricer
+from spendgate.settings import Settings
+from spendgate.stages.alerts import AlertFeed, Observer
+from spendgate.stages.budget import Budgets
+from spendgate.stages.forward import Forward
+from spendgate.stages.identity import Identity, Keys
+from spendgate.stages.meter import Meter
+from spendgate.stages.metrics import MetricsStage
+from spendgate.stages.policy import Policy
+from spendgate.stages.ratelimit import RateLimit
+from spendgate.stages.record import Record
+from spendgate.stages.redaction import Redactor
+from spendgate.stages.routing import Destinations, Routes, Routing, connect_targets, local_addresses
+from spendgate.stages.tls import TlsPolicy
+from spendgate.store.budgets import BudgetDef, ReserveRequest, ReserveResult
+from spendgate.store.writer import AuditWriter
+
+
+class Registry(Keys, Protocol):
+    """Identity's key look-ups plus the caps that apply to a user (`spendgate.store.registry.KeyRegistry`)."""
+
+    def budgets_for(self, user: str, team: str | None) -> Sequence[BudgetDef]: ...
+
+
+def build_stages(
+    settings: Settings,
+    *,
+    registry: Registry,
+    writer: AuditWriter,
+    reserve: Callable[[ReserveRequest], Awaitable[ReserveResult]],
+    pricer: Pricer,
+    hold: Callable[[str], None],
+    release: Callable[[str], None],
+    metrics: Metrics,
+    model_label: Callable[[str, str | None], str],
+    alerts: Observer | None,
+    instance_id: str,
+) -> list[object]:
+    proxy, budgets = settings.proxy, settings.budgets
+    routes = Routes(settings.providers)
+    listens = [(proxy.listen.host, proxy.listen.port), (settings.metrics.listen.host, settings.metrics.listen.port)]
+    targets = connect_targets()
+    secrets = [s for p in settings.providers for s in (p.api_key, p.admin_api_key)]
+    stages: list[object] = [
+        TlsPolicy(routes.is_model_host, routes.verify_upstream),
+        Routing(routes.provider_for, targets),
+        Identity(registry, routes.is_model_host, proxy.block_other_hosts),
+        Destinations(DestinationPolicy.build(proxy.allow_ports, proxy.allow_destinations, listens),
+                     routes.provider_for, routes.model_upstream, local_addresses(listens), targets),
+        RateLimit(),
+        Policy(proxy.max_request_bytes),
+        Budgets(registry.budgets_for, reserve, hold, pricer, budgets.default_max_output_tokens,
+                timedelta(seconds=budgets.reservation_ttl_seconds), budgets.fail_closed),
+        Meter(pricer),
+        Forward(Redactor(secrets)),
+        Record(writer, instance_id, settings.audit.capture_content, budgets.fail_closed, release),
+        MetricsStage(metrics, model_label),
+    ]
+    if alerts is not None:
+        stages.append(AlertFeed(alerts))
+    return stages

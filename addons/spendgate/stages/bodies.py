@@ -1,0 +1,192 @@
+"""Request bodies read defensively: bounded decompression and strict JSON.
+
+A compressed body is measured before it is inflated (a 39 KB gzip can hold 40 MB), and JSON
+that a provider would misread or that would make the gateway recurse (absurd nesting,
+duplicate keys, invalid UTF-8) is refused, never guessed at. Pure: bytes in, values out.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import brotli  # type: ignore[import-untyped]
+from backports import zstd
+
+MAX_JSON_DEPTH = 128
+_CHUNK = 64 * 1024
+SUPPORTED_ENCODINGS = ("identity", "gzip", "x-gzip", "deflate", "br", "zstd")
+
+
+class BodyError(ValueError):
+    """The body is refused; `status` and `code` say how (400, 413 or 415)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def _zlib_chunks(raw: bytes, wbits: int) -> Iterator[bytes]:
+    d = zlib.decompressobj(wbits)
+    data = raw
+    while True:
+        out = d.decompress(data, _CHUNK)
+        if out:
+            yield out
+        data = d.unconsumed_tail
+        if d.eof or (not data and not out):
+            break
+    if not d.eof:
+        raise zlib.error("truncated stream")
+
+
+def _deflate_chunks(raw: bytes) -> Iterator[bytes]:
+    # "deflate" is zlib-wrapped by the RFC, raw deflate in practice for some clients.
+    wrapped = len(raw) >= 2 and raw[0] & 0x0F == 8 and (raw[0] << 8 | raw[1]) % 31 == 0
+    return _zlib_chunks(raw, 15 if wrapped else -15)
+
+
+def _brotli_chunks(raw: bytes) -> Iterator[bytes]:
+    d = brotli.Decompressor()
+    out = d.process(raw, output_buffer_limit=_CHUNK)
+    while out:
+        yield out
+        if d.is_finished():
+            return
+        out = d.process(b"", output_buffer_limit=_CHUNK)
+    if not d.is_finished():
+        raise brotli.error("truncated stream")
+
+
+def _zstd_chunks(raw: bytes) -> Iterator[bytes]:
+    d = zstd.ZstdDecompressor()
+    data = raw
+    while not d.eof:
+        out = d.decompress(data, _CHUNK)
+        data = b""
+        if out:
+            yield out
+        elif d.needs_input:
+            raise zstd.ZstdError("truncated stream")
+
+
+_DECODERS: dict[str, Callable[[bytes], Iterator[bytes]]] = {
+    "gzip": lambda raw: _zlib_chunks(raw, 31),
+    "x-gzip": lambda raw: _zlib_chunks(raw, 31),
+    "deflate": _deflate_chunks,
+    "br": _brotli_chunks,
+    "zstd": _zstd_chunks,
+}
+
+
+def decoded_size(raw: bytes, encoding: str | None, limit: int) -> int:
+    """The size `raw` inflates to, measured without holding it (memory stays ~64 KB).
+
+    Raises BodyError: 415 for an encoding the gateway cannot read, 400 for corrupt data, 413 as
+    soon as the decoded size passes `limit`.
+    """
+    coding = (encoding or "identity").strip().lower()
+    if coding in ("", "identity"):
+        size = len(raw)
+    else:
+        decoder = _DECODERS.get(coding)
+        if decoder is None:
+            raise BodyError(415, "spendgate_unsupported_encoding",
+                            f"Content-Encoding {coding[:40]!r} is not supported; send the body uncompressed "
+                            "or as gzip, deflate, br or zstd.")
+        size = 0
+        try:
+            for chunk in decoder(raw):
+                size += len(chunk)
+                if size > limit:
+                    break
+        except (zlib.error, brotli.error, zstd.ZstdError, EOFError) as e:
+            raise BodyError(400, "spendgate_invalid_body",
+                            f"The {coding} request body could not be decompressed ({type(e).__name__}).") from None
+    if size > limit:
+        raise BodyError(413, "spendgate_request_too_large",
+                        f"Request body is over {limit} bytes{' once decompressed' if coding != 'identity' else ''}; "
+                        f"this gateway accepts at most {limit}.")
+    return size
+
+
+def decode(raw: bytes, encoding: str | None, limit: int) -> bytes:
+    """`raw` decoded, after `decoded_size` has shown it fits in `limit`. Raises BodyError."""
+    decoded_size(raw, encoding, limit)
+    coding = (encoding or "identity").strip().lower()
+    if coding in ("", "identity"):
+        return raw
+    return b"".join(_DECODERS[coding](raw))
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _Duplicate(dup)
+    return out
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constants(name: str) -> Any:
+    raise _NotJson(f"{name} is not JSON")
+
+
+def _depth(doc: Any) -> int:
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, d = stack.pop()
+        if d > deepest:
+            deepest = d
+        if deepest > MAX_JSON_DEPTH:
+            break
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node if isinstance(v, (dict, list)))
+    return deepest
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or BodyError(400) saying what is wrong with it.
+
+    >>> try:
+    ...     parse_json_object(b'{"model": "a", "model": "b"}')
+    ... except BodyError as e:
+    ...     print(e.status, e)  # doctest: +NORMALIZE_WHITESPACE
+    400 The request body is not a JSON object the gateway accepts: it has the key 'model' twice;
+    nothing was sent to the provider.
+    """
+    def bad(why: str) -> BodyError:
+        return BodyError(400, "spendgate_invalid_json",
+                         f"The request body is not a JSON object the gateway accepts: it {why}; nothing was sent "
+                         "to the provider.")
+
+    try:
+        doc = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except _Duplicate as e:
+        raise bad(f"has the key {str(e)[:100]!r} twice") from None
+    except _NotJson as e:
+        raise bad(f"holds {e} (NaN and Infinity are not JSON)") from None
+    except RecursionError:
+        raise bad(f"is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except UnicodeDecodeError:
+        raise bad("is not valid UTF-8") from None
+    except ValueError as e:
+        raise bad(f"is not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(doc, dict):
+        raise bad(f"is a JSON {type(doc).__name__.replace('NoneType', 'null')}")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(doc) > MAX_JSON_DEPTH:
+        raise bad(f"is nested more than {MAX_JSON_DEPTH} levels deep")
+    return doc

@@ -1,0 +1,41 @@
+"""Stage: count each finished request in Prometheus (after `Record` has completed its row)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mitmproxy import http
+
+from spendgate.metrics import TOKEN_KINDS, Metrics
+from spendgate.money import as_float
+from spendgate.stages.call import Call, Outcome
+
+
+class MetricsStage:
+    def __init__(self, metrics: Metrics, model_label: Callable[[str, str | None], str]) -> None:
+        self.m = metrics
+        self.model_label = model_label
+
+    def finish(self, flow: http.HTTPFlow, call: Call) -> None:
+        row = call.audit.row
+        if row is None:
+            return
+        user = call.key.user if call.key else "unknown"
+        team = (call.key.team if call.key else None) or "none"
+        provider = call.provider.name
+        model = self.model_label(provider, row.model_reported or call.model_requested)
+        outcome = Outcome(row.outcome)
+        self.m.requests.labels(user, team, provider, model, outcome).inc()
+        if outcome.blocked:
+            self.m.blocked.labels(user, outcome.removeprefix("blocked_")).inc()
+        for kind in TOKEN_KINDS:
+            n = getattr(row, f"{kind}_tokens")
+            if n:
+                self.m.tokens.labels(user, team, provider, model, kind).inc(n)
+        if row.cost_nusd:
+            self.m.cost.labels(user, team, provider, model).inc(as_float(row.cost_nusd))
+        if row.latency_ms is not None and not outcome.blocked:
+            self.m.duration.labels(provider, model).observe(row.latency_ms / 1000)
+        if row.ttft_ms is not None:
+            self.m.ttft.labels(provider, model).observe(row.ttft_ms / 1000)
+        self.m.overhead.labels(provider).observe(call.timing.overhead)

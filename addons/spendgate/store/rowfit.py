@@ -1,0 +1,65 @@
+"""Audit values made to fit their columns before they reach the database.
+
+One request with a 5,000-character model name, a NUL byte or a lone surrogate in a field must
+not cost it (or, through a failed group commit, other requests) its audit row: strings are cut
+to their column width and cleaned of what PostgreSQL or UTF-8 refuse, integers are clamped to
+their column type, and the row names what was cut (the caller records it in `cut_fields`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+
+TEXT_LIMIT = 4000  # unbounded TEXT columns (path, error) are still kept readable
+_INT_RANGE = {sa.Integer: (-(2**31), 2**31 - 1), sa.BigInteger: (-(2**63), 2**63 - 1)}
+
+
+def _clean(text: str) -> str:
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\\ud800"
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+class RowFitter:
+    """Knows each column's width and type once; `fit` runs on every audit row."""
+
+    def __init__(self, table: sa.Table) -> None:
+        self._text: dict[str, int] = {}
+        self._ints: dict[str, tuple[int, int]] = {}
+        for col in table.columns:
+            t = col.type
+            if isinstance(t, sa.String):
+                self._text[col.name] = t.length or TEXT_LIMIT
+            else:
+                for kind, bounds in _INT_RANGE.items():
+                    if type(t) is kind:
+                        self._ints[col.name] = bounds
+
+    def fit(self, row: Any, names: Iterable[str] | None = None) -> set[str]:
+        """Fit the attributes `names` of `row` (default: every column) in place; returns the
+        names of those that had to change."""
+        cut: set[str] = set()
+        for name in names if names is not None else (*self._text, *self._ints):
+            value = getattr(row, name)
+            if isinstance(value, str):
+                width = self._text.get(name)
+                if width is None:
+                    continue
+                clean = _clean(value)
+                if len(clean) > width:
+                    clean = clean[:width]
+                if clean != value:
+                    setattr(row, name, clean)
+                    cut.add(name)
+            elif isinstance(value, int) and not isinstance(value, bool) and name in self._ints:
+                lo, hi = self._ints[name]
+                if not lo <= value <= hi:
+                    setattr(row, name, min(max(value, lo), hi))
+                    cut.add(name)
+        return cut

@@ -1,0 +1,303 @@
+"""The audit writer (`spendgate.store.writer`) against a real SQLite store: commit-before-resolve,
+group commit, a finished request as one transaction, a store that fails and comes back, and rows
+the store rejects (SQLite, and PostgreSQL when reachable)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from spendgate.store import Database, ts_param
+from spendgate.store.audit import AuditRow, ContentRow
+from spendgate.store.budgets import BudgetLedger, ReserveRequest, Settlement, apply
+from spendgate.store.keys import KeyStore
+from spendgate.store.writer import AuditUnavailable, AuditWriter, Finished
+from tests.unit.databases import sqlite_database
+
+NOW = datetime(2026, 11, 25, 12, tzinfo=timezone.utc)
+
+
+def row(**kw: Any) -> AuditRow:
+    fields: dict[str, Any] = {
+        "id": "sgr_" + uuid.uuid4().hex[:24], "started_at": datetime.now(timezone.utc), "provider": "openai",
+        "host": "api.openai.com", "method": "POST", "path": "/v1/chat/completions", "endpoint_kind": "chat",
+        "model_requested": "gpt-4o", "outcome": "incomplete",
+    }
+    return AuditRow(**(fields | kw))
+
+
+def completed(begun: AuditRow, **kw: Any) -> AuditRow:
+    """`begun` as it is when its request ends."""
+    return dataclasses.replace(begun, **({"outcome": "completed", "ended_at": datetime.now(timezone.utc),
+                                          "status_code": 200} | kw))
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+@pytest.fixture
+def db(path: Path) -> Iterator[Database]:
+    d = sqlite_database(path)
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def writer(db: Database) -> Iterator[AuditWriter]:
+    w = AuditWriter(db)
+    w.start()
+    yield w
+    w.stop()
+
+
+def committed(path: Path) -> dict[str, tuple[Any, ...]]:
+    """Rows as another connection sees them: only what is committed."""
+    con = sqlite3.connect(path)
+    try:
+        return {r[0]: r[1:] for r in con.execute("SELECT id, outcome, ended_at, input_tokens FROM audit_log")}
+    finally:
+        con.close()
+
+
+def wait_until(pred: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_begin_returns_once_the_row_is_committed(writer: AuditWriter, path: Path) -> None:
+    r = row()
+
+    async def go() -> dict[str, tuple[Any, ...]]:
+        await writer.begin(r)
+        return committed(path)  # read right away, from another connection
+
+    seen = asyncio.run(go())
+    assert seen[r.id][0] == "incomplete"
+    assert writer.stats.committed_rows == 1 and writer.healthy
+
+
+def test_concurrent_begins_are_committed_in_groups(writer: AuditWriter, path: Path) -> None:
+    rows = [row() for _ in range(300)]
+
+    async def go() -> None:
+        await asyncio.gather(*(writer.begin(r) for r in rows))
+
+    asyncio.run(go())
+    assert set(committed(path)) == {r.id for r in rows}
+    assert writer.stats.committed_rows == len(rows)
+    # Group commit: far fewer transactions than rows (one per row would be 300).
+    assert writer.stats.batches < len(rows) // 4, writer.stats
+    assert writer.queue_depth == 0
+
+
+def test_finished_requests_are_queued_not_waited_for(writer: AuditWriter, path: Path) -> None:
+    first = row()
+    asyncio.run(writer.begin(first))
+    late = row(outcome="blocked_auth")  # refused before it was begun: inserted whole
+    writer.finish(Finished(completed(first, input_tokens=42), begun=True))
+    writer.finish(Finished(late, begun=False))
+    assert wait_until(lambda: committed(path).get(first.id, ("",))[0] == "completed" and late.id in committed(path))
+    assert committed(path)[first.id][2] == 42
+
+
+def test_stop_flushes_what_is_queued(db: Database, path: Path) -> None:
+    w = AuditWriter(db)
+    w.start()
+    rows = [row(outcome="blocked_auth") for _ in range(50)]
+    for r in rows:
+        w.finish(Finished(r, begun=False))
+    w.stop()
+    assert {r.id for r in rows} <= set(committed(path))
+
+
+def test_store_down_fails_begin_fast_and_retries_queued_writes(writer: AuditWriter, db: Database, path: Path,
+                                                              tmp_path: Path) -> None:
+    opened = row()
+    asyncio.run(writer.begin(opened))
+    good_engine = db.engine
+    # The store goes away: its file now lives in a directory that does not exist.
+    db.engine = sa.create_engine(f"sqlite:///{tmp_path}/gone/audit.db")
+    try:
+        writer.finish(Finished(completed(opened), begun=True))
+        refused = row(outcome="blocked_auth")
+        writer.finish(Finished(refused, begun=False))
+
+        new = row()
+        t0 = time.monotonic()
+        with pytest.raises(AuditUnavailable):
+            asyncio.run(writer.begin(new))
+        assert time.monotonic() - t0 < 1.0, "a request must not wait on a dead store"
+        assert wait_until(lambda: writer.stats.write_errors >= 2)
+        assert not writer.healthy
+        assert committed(path)[opened.id][0] == "incomplete"
+    finally:
+        db.engine.dispose()
+        db.engine = good_engine
+
+    # Back: the queued completion and refusal land without anyone asking again.
+    assert wait_until(lambda: committed(path).get(opened.id, ("",))[0] == "completed"), writer.stats
+    assert wait_until(lambda: refused.id in committed(path))
+    assert wait_until(lambda: writer.healthy and writer.queue_depth == 0)
+    # The failed begin was reported to its caller, who refuses the request: no late row for it.
+    assert new.id not in committed(path)
+    again = row()
+    asyncio.run(writer.begin(again))
+    assert again.id in committed(path)
+
+
+def test_a_row_the_store_rejects_does_not_block_the_others(writer: AuditWriter, path: Path) -> None:
+    first = row()
+    asyncio.run(writer.begin(first))
+    duplicate = row(id=first.id, outcome="blocked_auth")  # primary key clash: this row can never be written
+    others = [row(outcome="blocked_auth") for _ in range(5)]
+    writer.finish(Finished(duplicate, begun=False))
+    for r in others:
+        writer.finish(Finished(r, begun=False))
+    assert wait_until(lambda: {r.id for r in others} <= set(committed(path))), writer.stats
+    assert wait_until(lambda: writer.queue_depth == 0)
+    assert writer.stats.write_errors >= 1
+
+
+def test_begin_stays_fast_during_a_long_outage_and_after_it(writer: AuditWriter, db: Database,
+                                                            tmp_path: Path) -> None:
+    """Backing off between retries of *other* rows must not hold up a request's own begin:
+    neither its refusal while the store is down, nor its commit once the store is back."""
+    opened = row()
+    asyncio.run(writer.begin(opened))
+    good_engine = db.engine
+    db.engine = sa.create_engine(f"sqlite:///{tmp_path}/gone/audit.db")
+    try:
+        writer.finish(Finished(completed(opened), begun=True))
+        # Let the retries of that completion back off to their longest pause.
+        assert wait_until(lambda: writer.stats.write_errors >= 5, timeout=15)
+        t0 = time.monotonic()
+        with pytest.raises(AuditUnavailable):
+            asyncio.run(writer.begin(row()))
+        assert time.monotonic() - t0 < 1.0, f"begin took {time.monotonic() - t0:.2f}s to report a dead store"
+    finally:
+        db.engine.dispose()
+        db.engine = good_engine
+    t0 = time.monotonic()
+    asyncio.run(writer.begin(row()))
+    assert time.monotonic() - t0 < 1.0, f"begin took {time.monotonic() - t0:.2f}s with the store back"
+
+
+# ----------------------------------------------------------------------------- one request, one transaction
+
+
+def test_completion_settlement_and_content_commit_together_or_not_at_all(
+        writer: AuditWriter, db: Database, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished request is one writer item. Its content row is made to fail (one with its request
+    id is already there): at no commit may its completion be in without its settlement or the other
+    way round, and in the end both are in, without the content, as the row says."""
+    keys = KeyStore(db)
+    keys.set_budget("user", "alice", 10**9, "day", actor="t")
+    (cap,) = keys.load_budgets()
+    reqs = [row(user="alice", started_at=NOW, content_captured=True) for _ in range(3)]
+    with db.engine.begin() as conn:
+        holds = apply(conn, [], [ReserveRequest(r.id, (cap,), 1000, NOW, timedelta(minutes=10)) for r in reqs])
+    for r in reqs:
+        asyncio.run(writer.begin(r))
+    bad = reqs[0]
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO audit_content (request_id, captured_at, reason) VALUES (:r, :t, 'there')")
+                     .bindparams(ts_param("t")), {"r": bad.id, "t": NOW})
+
+    def state() -> dict[str, tuple[bool, bool]]:
+        """Per request, as another connection sees it: (completed, settled)."""
+        con = sqlite3.connect(path)
+        try:
+            done = {r[0] for r in con.execute("SELECT id FROM audit_log WHERE outcome != 'incomplete'")}
+            held = {r[0] for r in con.execute("SELECT request_id FROM reservations")}
+        finally:
+            con.close()
+        return {r.id: (r.id in done, r.id not in held) for r in reqs}
+
+    seen: list[dict[str, tuple[bool, bool]]] = []
+    real_write = writer._write
+
+    def write_and_look(batch: Any) -> None:  # runs on the writer thread, once per transaction tried
+        try:
+            real_write(batch)
+        finally:
+            seen.append(state())
+
+    monkeypatch.setattr(writer, "_write", write_and_look)
+    for r, hold in zip(reqs, holds):
+        content = ContentRow(r.id, NOW, None, "key capture on", '{"prompt": 1}', '{"answer": 2}')
+        writer.finish(Finished(completed(r, cost_nusd=400), True,
+                               Settlement(r.id, hold.refs, 400), content))
+    assert wait_until(lambda: writer.queue_depth == 0 and all(s == (True, True) for s in state().values()))
+
+    assert len(seen) >= 3  # the batch, then its items one by one
+    for snapshot in seen:
+        for request, (done, settled) in snapshot.items():
+            assert done == settled, (request, snapshot)
+    with db.engine.connect() as conn:
+        contents = dict(conn.execute(sa.text("SELECT request_id, reason FROM audit_content")).all())
+        rows = {r.id: r for r in conn.execute(sa.text("SELECT id, content_captured, error, cost_nusd FROM audit_log"))}
+    assert contents[bad.id] == "there"  # the row that was in the way is untouched
+    assert all(contents[r.id] == "key capture on" for r in reqs[1:])
+    assert "captured content rejected by the store" in rows[bad.id].error
+    assert all(rows[r.id].error is None for r in reqs[1:])
+    assert all(rows[r.id].cost_nusd == 400 for r in reqs)
+    (budget,) = BudgetLedger(db).budget_status(NOW)
+    assert (budget["spent_nusd"], budget["reserved_nusd"]) == (3 * 400, 0)
+
+
+# ----------------------------------------------------------------------------- rows the store rejects
+
+
+async def _begin_all(writer: AuditWriter, rows: list[AuditRow]) -> list[BaseException | None]:
+    got = await asyncio.gather(*(writer.begin(r) for r in rows), return_exceptions=True)
+    return [g if isinstance(g, BaseException) else None for g in got]
+
+
+def _salvage_case(writer: AuditWriter, db: Database, bad: AuditRow) -> None:
+    """One row the store rejects, begun in the same group commit as good rows: every request gets
+    its row committed (none is refused), and the bad row keeps its identity without the bad field."""
+    good = [row() for _ in range(20)]
+    results = asyncio.run(_begin_all(writer, [*good[:10], bad, *good[10:]]))
+    assert results == [None] * 21, results
+    with db.engine.connect() as conn:
+        got = {r.id: r for r in conn.execute(sa.text("SELECT id, model_requested, user_agent, error FROM audit_log"))}
+    assert {r.id for r in good} <= set(got)
+    saved = got[bad.id]
+    assert saved.error and "rejected by the store" in saved.error
+    assert saved.model_requested is None and saved.user_agent is None
+    assert writer.stats.write_errors >= 1
+
+
+def test_a_row_sqlite_cannot_encode_is_saved_without_it(writer: AuditWriter, db: Database) -> None:
+    # The Record stage fits rows before they get here; this proves the writer does not depend on it.
+    _salvage_case(writer, db, row(user_agent="ua \ud800 lone surrogate"))
+
+
+@pytest.mark.postgres
+def test_a_row_postgresql_rejects_is_saved_without_it(pg_url: str) -> None:
+    d = Database(pg_url)
+    d.upgrade()
+    w = AuditWriter(d)
+    w.start()
+    try:
+        _salvage_case(w, d, row(model_requested="m" * 5000))
+        _salvage_case(w, d, row(model_requested="nul \x00 byte"))
+    finally:
+        w.stop()
+        d.close()
