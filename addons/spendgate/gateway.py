@@ -43,7 +43,7 @@ class Gateway:
         self.reports = Reports(self.db)
         self.registry = KeyRegistry(self.keys)
         self.writer = AuditWriter(self.db)
-        self.pricer = Pricer(settings.prices.overrides)
+        self.pricer = Pricer(settings.prices.overrides, settings.prices.fallback_rates)
         self.metrics = Metrics()
         self.model_labels = ModelLabels(self.pricer)
         self.holds = LiveHolds()

@@ -1,6 +1,8 @@
-"""What a request cost, in USD, as a `Decimal`.
+"""What a request cost, in USD, as a `Decimal`, and where that price came from.
 
-Prices come from `[prices.overrides]` when configured, else from genai-prices' bundled data.
+Prices come from `[prices.overrides]` when configured, else from genai-prices' bundled data,
+else (with `[prices] unknown_model = "fallback"`) from the fallback rates; a model with none of
+these has an unknown cost, which the budget stage refuses for callers under a cap.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 import genai_prices
@@ -18,7 +21,7 @@ from spendgate.money import parse_amount
 from spendgate.providers import BUILTIN_PROVIDERS
 from spendgate.providers.wire import Usage
 
-__all__ = ["PriceOverride", "Pricer"]
+__all__ = ["CostSource", "PriceOverride", "Priced", "Pricer", "price_line"]
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,28 @@ def _price(value: object) -> Decimal:
         raise ValueError(f"not a price: {value!r}") from None
 
 
+class CostSource(StrEnum):
+    PROVIDER = "provider"  # genai-prices' data for the provider
+    OVERRIDE = "override"  # [prices.overrides]
+    FALLBACK = "fallback"  # [prices] fallback, for a model with neither
+    UNKNOWN = "unknown"  # no price: the cost is not known
+
+
+@dataclass(frozen=True)
+class Priced:
+    cost: Decimal | None  # None when the source is UNKNOWN
+    source: CostSource
+
+
+_PER_TOKEN_KEYS = ("input", "output", "cache_read", "cache_write", "input_audio", "output_audio")
+_OVERRIDE_KEYS = frozenset({*_PER_TOKEN_KEYS, "per_image", "per_minute", "per_million_characters"})
+
+
 @dataclass(frozen=True)
 class PriceOverride:
-    """USD per million tokens. Cache prices default to the input price.
+    """USD per million tokens (input, output, cache, audio), and for models billed otherwise USD
+    per image, per minute of audio or per million characters. Cache and audio token prices
+    default to the plain input / output price.
 
     >>> PriceOverride.parse({"input": 2.5, "output": 10.0, "cache_read": 1.25}).cache_read
     Decimal('1.25')
@@ -45,33 +67,42 @@ class PriceOverride:
     output: Decimal
     cache_read: Decimal | None = None
     cache_write: Decimal | None = None
+    input_audio: Decimal | None = None
+    output_audio: Decimal | None = None
+    per_image: Decimal = Decimal(0)
+    per_minute: Decimal = Decimal(0)
+    per_million_characters: Decimal = Decimal(0)
 
     @classmethod
     def parse(cls, table: Mapping[str, object]) -> PriceOverride:
         """From one `[prices.overrides]` TOML value; raises ValueError on bad or unknown keys."""
-        unknown = set(table) - {"input", "output", "cache_read", "cache_write"}
+        unknown = set(table) - _OVERRIDE_KEYS
         if unknown:
             raise ValueError(f"unknown price keys: {', '.join(sorted(unknown))}")
         if "input" not in table or "output" not in table:
             raise ValueError("a price override needs both input and output")
-        return cls(
-            input=_price(table["input"]),
-            output=_price(table["output"]),
-            cache_read=_price(table["cache_read"]) if "cache_read" in table else None,
-            cache_write=_price(table["cache_write"]) if "cache_write" in table else None,
-        )
+        return cls(**{k: _price(v) for k, v in table.items()})
 
     def cost(self, usage: Usage) -> Decimal:
-        cache_read = usage.cache_read_tokens
-        cache_write = usage.cache_write_tokens
-        uncached = max(usage.input_tokens - cache_read - cache_write, 0)
-        total = (
+        cache_read, cache_write = usage.cache_read_tokens, usage.cache_write_tokens
+        audio_in, audio_out = usage.input_audio_tokens, usage.output_audio_tokens
+        uncached = max(usage.input_tokens - cache_read - cache_write - audio_in, 0)
+        tokens = (
             uncached * self.input
             + cache_read * (self.input if self.cache_read is None else self.cache_read)
             + cache_write * (self.input if self.cache_write is None else self.cache_write)
-            + usage.output_tokens * self.output
+            + audio_in * (self.input if self.input_audio is None else self.input_audio)
+            + max(usage.output_tokens - audio_out, 0) * self.output
+            + audio_out * (self.output if self.output_audio is None else self.output_audio)
+            + usage.input_characters * self.per_million_characters
         )
-        return total / _MILLION
+        return (tokens / _MILLION + usage.images * self.per_image
+                + Decimal(str(usage.audio_seconds)) * self.per_minute / 60)
+
+
+def price_line(provider: str, model: str) -> str:
+    """The `[prices.overrides]` line that prices `model` (USD per million tokens), for messages."""
+    return f'"{provider}:{model}" = {{ input = ..., output = ... }}'
 
 
 def _key(provider: str, model: str) -> str:
@@ -96,12 +127,14 @@ class _LinearRates:
 class Pricer:
     """Prices a request. Lookups are memoised per (provider, model): this runs on every request.
 
-    >>> Pricer({}).cost("openai", "gpt-4o", Usage(input_tokens=1_000_000))
-    Decimal('2.5')
+    >>> Pricer({}).cost("openai", "gpt-4o", Usage(input_tokens=1_000_000)) == Decimal("2.5")
+    True
     """
 
-    def __init__(self, overrides: Mapping[str, PriceOverride] | None = None) -> None:
+    def __init__(self, overrides: Mapping[str, PriceOverride] | None = None,
+                 fallback: PriceOverride | None = None) -> None:
         self._overrides = {k.lower(): v for k, v in (overrides or {}).items()}
+        self._fallback = fallback  # [prices] fallback when unknown_model = "fallback", else None
         self._canonical: dict[tuple[str, str], str | None] = {}
         self._models: dict[tuple[str, str], tuple[Any, Any] | None] = {}
         self._rates: dict[tuple[str, str], _LinearRates | None] = {}
@@ -109,26 +142,49 @@ class Pricer:
 
     def cost(self, provider: str, model: str | None, usage: Usage) -> Decimal | None:
         """USD for `usage`, full precision; None when the model has no known price."""
-        if model:
+        return self.price(provider, model, usage=usage).cost
+
+    def price(self, provider: str, *models: str | None, usage: Usage) -> Priced:
+        """USD for `usage` priced as the first of `models` that has a price (e.g. the model the
+        provider reported, then the one requested), else at the fallback rates, else unknown."""
+        for model in models:
+            if not model:
+                continue
             override = self._override(provider, model)
             if override is not None:
-                return override.cost(usage)
-            canonical = self._lookup(provider, model)
-            if canonical is not None:
-                rates = self._linear_rates(provider, model)
-                if rates is not None:
-                    return rates.cost(usage)
-                found = self._models.get((provider, model))
-                try:
-                    # genai_prices.calc_price would search the price data again on every call.
-                    result = (found[1].calc_price(usage, found[0]) if found is not None else
-                              genai_prices.calc_price(usage, model, provider_id=self._provider_id(provider)))
-                except (LookupError, ValueError) as e:
-                    self._warn_once(provider, model, str(e))
-                    return None
-                return result.total_price
-        self._warn_once(provider, model, "no price known")
-        return None
+                return Priced(override.cost(usage), CostSource.OVERRIDE)
+            if self._lookup(provider, model) is not None:
+                cost = self._provider_cost(provider, model, usage)
+                if cost is not None:
+                    return Priced(cost, CostSource.PROVIDER)
+        named = next((m for m in models if m), None)
+        if self._fallback is not None:
+            return Priced(self._fallback.cost(usage), CostSource.FALLBACK)
+        self._warn_once(provider, named, "no price known")
+        return Priced(None, CostSource.UNKNOWN)
+
+    def source(self, provider: str, model: str | None) -> CostSource:
+        """Where this model's price would come from (UNKNOWN: nowhere)."""
+        if model and self._override(provider, model) is not None:
+            return CostSource.OVERRIDE
+        if model and self._lookup(provider, model) is not None:
+            return CostSource.PROVIDER
+        return CostSource.FALLBACK if self._fallback is not None else CostSource.UNKNOWN
+
+    def _provider_cost(self, provider: str, model: str, usage: Usage) -> Decimal | None:
+        if usage.only_tokens:
+            rates = self._linear_rates(provider, model)
+            if rates is not None:
+                return rates.cost(usage)
+        found = self._models.get((provider, model))
+        try:
+            # genai_prices.calc_price would search the price data again on every call.
+            result = (found[1].calc_price(usage, found[0]) if found is not None else
+                      genai_prices.calc_price(usage, model, provider_id=self._provider_id(provider)))
+        except (LookupError, ValueError) as e:
+            self._warn_once(provider, model, str(e))
+            return None
+        return Decimal(result.total_price)
 
     def _linear_rates(self, provider: str, model: str) -> _LinearRates | None:
         """Per-token rates for models with flat prices, proven equal to genai-prices' own result.

@@ -98,7 +98,7 @@ def _mix(gw: GatewayProcess, keys: dict[str, str], clients: ExitStack, hang_up: 
     alice = clients.enter_context(gw.openai_client(keys["alice"]))
     alice_ant = clients.enter_context(gw.anthropic_client(keys["alice"]))
     # alice: OpenAI chat (a dated snapshot and a family name), stream with usage, Responses,
-    # embeddings, a model genai-prices does not know, two upstream errors, a truncated stream.
+    # embeddings, a model genai-prices does not know (refused), two upstream errors, a truncated stream.
     alice.chat.completions.create(model="gpt-4o-2024-08-06", messages=MSGS)
     alice.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=50)
     for _ in alice.chat.completions.create(model="gpt-4o-mini", messages=MSGS, stream=True,
@@ -106,7 +106,9 @@ def _mix(gw: GatewayProcess, keys: dict[str, str], clients: ExitStack, hang_up: 
         pass
     alice.responses.create(model="gpt-4.1", input="Count the sheep.")
     alice.embeddings.create(model="text-embedding-3-small", input="sheep")
-    alice.chat.completions.create(model="acme-private-finetune-v7", messages=MSGS)
+    # Everyone here is under the global cap: a model with no price is refused (blocked_policy).
+    _expect_error(lambda: alice.chat.completions.create(model="acme-private-finetune-v7", messages=MSGS),
+                  openai.PermissionDeniedError)
     n += 6
     _expect_error(lambda: alice.chat.completions.create(
         model="gpt-4o", messages=MSGS, extra_headers={"x-mock-scenario": "error500"}), openai.InternalServerError)
@@ -273,7 +275,8 @@ def test_the_mix_covered_every_outcome_and_provider(settled: tuple[list[dict[str
     assert {"completed", "upstream_error", "client_aborted", "blocked_cap", "blocked_policy",
             "blocked_auth"} <= set(outcomes), outcomes
     assert {r["provider"] for r in rows} >= {"openai", "anthropic", "gemini", "mistral"}
-    assert any(r["cost_usd"] is None and r["input_tokens"] for r in rows), "an unpriced model with tokens"
+    # Under the global cap an unpriced model is refused (tests/e2e/test_caps_dodges.py has the uncapped case).
+    assert any(r["error"] == "spendgate_unpriced_model" for r in rows), "an unpriced model"
     assert any(r["ttft_ms"] is not None for r in rows)
 
 
@@ -488,7 +491,9 @@ def test_random_model_names_keep_series_bounded(
     t0 = time.perf_counter()
     statuses = asyncio.run(_flood(gw, [fleet["alice"], fleet["bob"], fleet["carol"]], models))
     took = time.perf_counter() - t0
-    assert statuses == Counter({200: CARDINALITY_REQUESTS * 9 // 10, 500: CARDINALITY_REQUESTS // 10}), statuses
+    # Every caller here is under the global cap, so a model with no price is refused before it goes
+    # upstream; the refusals are labelled like any request.
+    assert statuses == Counter({403: CARDINALITY_REQUESTS}), statuses
     rows = wait_settled([gw], rows_before + CARDINALITY_REQUESTS, timeout=60)
     fams = scrape(gw)
     text_size = len(gw.metrics_text())

@@ -192,8 +192,9 @@ CASES = [
     # No `model` in the body: the deployment names the model.
     Case("azure-deployment-is-model", "azure", "chat", "o3-mini", False, AZ_HOST, azure_raw("o3-mini", None),
          OAI_TOKENS),
-    # A `model` in the body wins over the deployment name; Azure reports the real model.
-    Case("azure-body-model", "azure", "chat", "gpt-4o", False, AZ_HOST, azure_raw("prod-east", "gpt-4o"),
+    # The deployment answers whatever the body says (the path wins); Azure reports the real model,
+    # which prices it.
+    Case("azure-body-model", "azure", "chat", "prod-east", False, AZ_HOST, azure_raw("prod-east", "gpt-4o"),
          OAI_TOKENS, scenario={"model": "gpt-4o"}),
     Case("mistral-chat", "mistral", "chat", "mistral-small-latest", False, "api.mistral.ai",
          openai_chat("mistral-small-latest", False, base_url=MISTRAL), OAI_TOKENS),

@@ -44,6 +44,7 @@ MAX_DELIVERY_ATTEMPTS = 3
 RETRY_BACKOFF = timedelta(seconds=60)
 STALE_SENDING = timedelta(minutes=10)
 MAX_EVENTS = 10_000
+MAX_UNPRICED_A_DAY = 50  # distinct unpriced models alerted per instance per day
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,15 @@ class _ShadowEvent:
     provider: str
     passthrough: bool
     at: datetime
+
+
+@dataclass(frozen=True)
+class _UnpricedEvent:
+    provider: str
+    model: str
+
+
+_Event = _CapEvent | _ShadowEvent | _UnpricedEvent
 
 
 def instance_name() -> str:
@@ -103,12 +113,14 @@ class AlertEvaluator:
         self.instance = instance or instance_name()
         self.sender: SlackSender | None = None
         self.backstop: Backstop | None = None
-        self._events: collections.deque[_CapEvent | _ShadowEvent] = collections.deque(maxlen=MAX_EVENTS)
+        self._events: collections.deque[_Event] = collections.deque(maxlen=MAX_EVENTS)
         self._known: set[str] = set()  # dedupe keys already claimed (by anyone): no INSERT per tick
         self._store_error: str | None = None
         self._store_alerted = False
         self._last_run: dict[str, datetime] = {}  # slower checks: spikes, summaries, retries
         self._failing: set[str] = set()
+        self._unpriced_day = ""
+        self._unpriced_seen: set[tuple[str, str]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -122,6 +134,10 @@ class AlertEvaluator:
                        at: datetime) -> None:
         """A request that carried the client's own provider key (passed through for BYOK keys, else refused)."""
         self._events.append(_ShadowEvent(user, team, provider, passthrough, at))
+
+    def observe_unpriced(self, provider: str, model: str) -> None:
+        """A request served whose model has no known price (its cost is recorded as unknown)."""
+        self._events.append(_UnpricedEvent(provider, model))
 
     def on_store_error(self, error: str) -> None:
         """AuditWriter callback: a batch commit failed."""
@@ -161,6 +177,7 @@ class AlertEvaluator:
             ("thresholds", lambda: self._thresholds(now)),
             ("cap_blocked", lambda: self._cap_blocked([e for e in events if isinstance(e, _CapEvent)], now)),
             ("shadow", lambda: self._shadow([e for e in events if isinstance(e, _ShadowEvent)], now)),
+            ("unpriced", lambda: self._unpriced([e for e in events if isinstance(e, _UnpricedEvent)], now)),
         ]
         if self._due("spike", now, self.spike_every):
             parts.append(("spike", lambda: self._spikes(now)))
@@ -191,7 +208,7 @@ class AlertEvaluator:
     def spike_every(self) -> float:
         return min(15.0, max(1.0, self.settings.alerts.spike.window_seconds / 5))
 
-    def _drain(self) -> list[_CapEvent | _ShadowEvent]:
+    def _drain(self) -> list[_Event]:
         out = []
         while True:
             try:
@@ -323,6 +340,30 @@ class AlertEvaluator:
             if alert.dedupe_key not in self._known and self.emit(alert, now):
                 sent.append(alert)
                 n -= 1  # the mark counts the first occurrence
+            if n:
+                self.marks.bump(alert.dedupe_key, n, now)
+        return sent
+
+    # -- unpriced models -----------------------------------------------------------------
+
+    def _unpriced(self, events: list[_UnpricedEvent], now: datetime) -> list[Alert]:
+        """One alert per (provider, model) a day, gateway-wide; later requests are counted on its mark."""
+        if not events:
+            return []
+        counts = collections.Counter((e.provider, e.model[:100]) for e in events)
+        day = now.astimezone(timezone.utc).date().isoformat()
+        if self._unpriced_day != day:
+            self._unpriced_day, self._unpriced_seen = day, set()
+        sent: list[Alert] = []
+        for (provider, model), n in counts.items():
+            if (provider, model) not in self._unpriced_seen:
+                if len(self._unpriced_seen) >= MAX_UNPRICED_A_DAY:
+                    continue  # model names come from clients: a flood of made-up ones is not a flood of alerts
+                self._unpriced_seen.add((provider, model))
+            alert = render.unpriced_alert(provider, model, n, day)
+            if alert.dedupe_key not in self._known and self.emit(alert, now):
+                sent.append(alert)
+                n -= 1
             if n:
                 self.marks.bump(alert.dedupe_key, n, now)
         return sent

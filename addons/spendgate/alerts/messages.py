@@ -16,6 +16,7 @@ from typing import Any
 
 from spendgate.money import dollars, to_nano
 from spendgate.periods import period_end, period_start
+from spendgate.pricing import price_line
 
 _PERIOD_WORD = {"day": "daily", "week": "weekly", "month": "monthly"}
 
@@ -125,12 +126,17 @@ class DedupeKey:
         return cls("shadow_traffic", (name, provider, day))
 
     @classmethod
+    def unpriced(cls, provider: str, model: str, day: str) -> DedupeKey:
+        return cls("unpriced_model", (provider, model, day))
+
+    @classmethod
     def store_failing(cls, hour: str) -> DedupeKey:
         return cls("store_failing", (hour,))
 
 
 # Kinds whose parts hold a free-text name: (parts before it, parts after it).
-_NAME_AT = {"threshold": (1, 3), "cap_blocked": (1, 2), "spike": (1, 1), "shadow_traffic": (0, 2)}
+_NAME_AT = {"threshold": (1, 3), "cap_blocked": (1, 2), "spike": (1, 1), "shadow_traffic": (0, 2),
+            "unpriced_model": (1, 1)}
 
 
 def resets_at(key: DedupeKey) -> datetime | None:
@@ -349,6 +355,19 @@ def shadow_alert(user: str | None, provider: str, passthrough: int, refused: int
         action=("A provider key of the client's own is in use: spend on it is invisible to the gateway and its caps. "
                 f"Rotate that key at {provider} and give the developer a Spendgate key (`spendgate keys create`)."
                 + (" Their key is --byok, so these requests were passed through." if passthrough else "")),
+    )
+
+
+def unpriced_alert(provider: str, model: str, requests: int, day: str) -> Alert:
+    return Alert(
+        kind="unpriced_model",
+        dedupe_key=str(DedupeKey.unpriced(provider, model, day)),
+        scope="model", name=f"{provider}:{model}",
+        title=f"no price is known for {provider} model {model}",
+        facts=(("Provider", provider), ("Model", model), ("Requests so far today", str(requests))),
+        action=("Its cost is recorded as unknown and callers under a cap are refused it. Add its price to the "
+                f"config under `[prices.overrides]`: `{price_line(provider, model)}` (USD per million tokens), "
+                'or set `[prices] unknown_model = "fallback"`.'),
     )
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from spendgate.providers import anthropic, gemini, openai
 from spendgate.providers.base import Prompt, WireAdapter
@@ -32,19 +33,21 @@ class ProviderSpec:
     default_key_env: str
     genai_prices_id: str
     model_in_path: re.Pattern[str] | None = None  # the path names the model (Azure deployments)
+    chat_limit_field: str = "max_tokens"  # the output limit the gateway inserts into a chat completion
 
 
 BUILTIN_PROVIDERS: dict[str, ProviderSpec] = {
     p.name: p
     for p in (
-        ProviderSpec("openai", Family.OPENAI, ("api.openai.com",), "bearer", "OPENAI_API_KEY", "openai"),
+        ProviderSpec("openai", Family.OPENAI, ("api.openai.com",), "bearer", "OPENAI_API_KEY", "openai",
+                     chat_limit_field="max_completion_tokens"),
         ProviderSpec("anthropic", Family.ANTHROPIC, ("api.anthropic.com",), "x-api-key", "ANTHROPIC_API_KEY",
                      "anthropic"),
         ProviderSpec("gemini", Family.GEMINI, ("generativelanguage.googleapis.com",), "x-goog-api-key",
                      "GEMINI_API_KEY",
                      "google"),
         ProviderSpec("azure", Family.OPENAI, ("*.openai.azure.com",), "api-key", "AZURE_OPENAI_API_KEY", "azure",
-                     _AZURE_DEPLOYMENT),
+                     _AZURE_DEPLOYMENT, chat_limit_field="max_completion_tokens"),
         ProviderSpec("mistral", Family.OPENAI, ("api.mistral.ai",), "bearer", "MISTRAL_API_KEY", "mistral"),
         ProviderSpec("groq", Family.OPENAI, ("api.groq.com",), "bearer", "GROQ_API_KEY", "groq"),
         ProviderSpec("deepseek", Family.OPENAI, ("api.deepseek.com",), "bearer", "DEEPSEEK_API_KEY", "deepseek"),
@@ -73,12 +76,19 @@ def endpoint_kind_for(family: Family, method: str, path: str) -> EndpointKind:
 
 
 def request_facts(spec: ProviderSpec, kind: EndpointKind, body: Mapping[str, Any] | None, path: str) -> RequestFacts:
+    """What the request asks for. Where the provider routes by path (Azure deployments), the
+    path's model is the one that answers, whatever the body says."""
     facts = _ADAPTERS[spec.family].request_facts(kind, body if isinstance(body, Mapping) else {}, path)
-    if facts.model is None and spec.model_in_path is not None:
+    if spec.model_in_path is not None:
         m = spec.model_in_path.search(path.split("?", 1)[0])
         if m:
-            facts = RequestFacts(m.group(1), facts.stream, facts.max_output_tokens)
+            facts = replace(facts, model=unquote(m.group(1)))
     return facts
+
+
+def unmetered(spec: ProviderSpec, method: str, path: str) -> str | None:
+    """The name of a billable request the gateway cannot price up front (see `WireAdapter.unmetered`)."""
+    return _ADAPTERS[spec.family].unmetered(method, path)
 
 
 def usage_from_json(family: Family, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spendgate.providers.base import (
+    OUTPUT_LIMIT_KEYS,
     Prompt,
     StreamFormat,
     StreamState,
@@ -16,7 +19,7 @@ from spendgate.providers.base import (
     output_limit,
     sse_only,
 )
-from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Usage
+from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Upload, Usage
 
 __all__ = ["ADAPTER", "AnthropicAdapter"]
 
@@ -25,16 +28,58 @@ class AnthropicAdapter:
     family = Family.ANTHROPIC
 
     def endpoint_kind(self, method: str, path: str) -> EndpointKind:
-        if method.upper() != "POST":
-            return EndpointKind.OTHER
         path = bare_path(path).rstrip("/")
-        return EndpointKind.MESSAGES if path.endswith("/v1/messages") else EndpointKind.OTHER
+        post = method.upper() == "POST"
+        if post and path.endswith("/v1/messages"):
+            return EndpointKind.MESSAGES
+        if re.search(r"/v1/messages/batches(?:/[^/]+)?$", path) and (post or method.upper() == "GET"):
+            return EndpointKind.BATCHES
+        if re.search(r"/v1/files(?:/[^/]+(?:/content)?)?$", path):
+            return EndpointKind.FILES
+        if method.upper() == "GET" and re.search(r"/v1/models(?:/[^/]+)?$", path):
+            return EndpointKind.MODELS
+        return EndpointKind.OTHER
+
+    def unmetered(self, method: str, path: str) -> str | None:
+        if method.upper() != "POST":
+            return None
+        kind = self.endpoint_kind(method, path)
+        if kind is EndpointKind.BATCHES and path.rstrip("/").endswith("/batches"):
+            return "batches"
+        path = bare_path(path).rstrip("/")
+        if kind is not EndpointKind.OTHER or not path.startswith("/v1/") or _FREE_POSTS.search(path):
+            return None  # /api/… is the console's and Claude Code's own (no model answers)
+        return resource_name(path)
 
     def request_facts(self, kind: EndpointKind, body: Mapping[str, Any], path: str) -> RequestFacts:
         # Anthropic's own name is max_tokens; OpenAI's are honoured too, so no limit goes unseen.
+        # A thinking budget is part of max_tokens.
         return RequestFacts(
             model=as_text(body.get("model")), stream=body.get("stream") is True, max_output_tokens=output_limit(body)
         )
+
+    def set_output_limit(self, kind: EndpointKind, body: dict[str, Any], limit: int, field: str) -> None:
+        present = [k for k in OUTPUT_LIMIT_KEYS if body.get(k) is not None]
+        for k in present or ["max_tokens"]:
+            body[k] = limit
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int):
+            # Anthropic requires budget_tokens < max_tokens; keep what is left for the answer.
+            thinking["budget_tokens"] = min(thinking["budget_tokens"], max(limit - 1, 1))
+
+    def response_text(self, kind: EndpointKind, body: Mapping[str, Any]) -> str:
+        state = StreamState()
+        for block in body.get("content") or ():
+            block = as_mapping(block)
+            state.add_text(block.get("text"))
+            state.add_text(block.get("thinking"))
+            if isinstance(block.get("input"), dict):
+                state.add_text(json.dumps(block["input"], separators=(",", ":")))
+        return state.output_text
+
+    def media_usage(self, kind: EndpointKind, body: Mapping[str, Any], uploads: Sequence[Upload],
+                    facts: RequestFacts, prompt_tokens: int) -> Usage | None:
+        return None
 
     def prompt(self, kind: EndpointKind, body: Mapping[str, Any]) -> Prompt | None:
         if kind is not EndpointKind.MESSAGES:
@@ -99,3 +144,10 @@ class AnthropicAdapter:
 
 
 ADAPTER = AnthropicAdapter()
+
+_FREE_POSTS = re.compile(r"/v1/(?:messages/count_tokens|messages/batches/[^/]+/cancel|files)$")
+
+
+def resource_name(path: str) -> str:
+    """/v1/complete is "complete"."""
+    return path.removeprefix("/v1/").split("/", 1)[0] or "/"

@@ -9,11 +9,11 @@ the adapter. Pure: no I/O.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Usage
+from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Upload, Usage
 
 __all__ = [
     "OUTPUT_TEXT_LIMIT",
@@ -46,7 +46,26 @@ class WireAdapter(Protocol):
 
     def endpoint_kind(self, method: str, path: str) -> EndpointKind: ...
 
+    def unmetered(self, method: str, path: str) -> str | None:
+        """A name for a request the provider bills but the gateway cannot price before sending it
+        (batches, fine-tuning, …), as `[budgets] allow_unmetered` lists it; None: priced or free."""
+        ...
+
     def request_facts(self, kind: EndpointKind, body: Mapping[str, Any], path: str) -> RequestFacts: ...
+
+    def set_output_limit(self, kind: EndpointKind, body: dict[str, Any], limit: int, field: str) -> None:
+        """Lower the request's output limit to `limit` in the provider's own field, inserting it if
+        the request had none (`field`: the provider's chat completions field). Mutates `body`."""
+        ...
+
+    def response_text(self, kind: EndpointKind, body: Mapping[str, Any]) -> str:
+        """The generated text of a JSON answer (to count when the answer reports no usage)."""
+        ...
+
+    def media_usage(self, kind: EndpointKind, body: Mapping[str, Any], uploads: Sequence[Upload],
+                    facts: RequestFacts, prompt_tokens: int) -> Usage | None:
+        """What an image or audio request will bill, before it is sent; None for text endpoints."""
+        ...
 
     def prompt(self, kind: EndpointKind, body: Mapping[str, Any]) -> Prompt | None:
         """The parts of the request the provider bills as input; None for endpoints without a prompt."""

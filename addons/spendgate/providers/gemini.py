@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spendgate.providers.base import (
@@ -19,35 +19,104 @@ from spendgate.providers.base import (
     bare_path,
     sse_only,
 )
-from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Usage
+from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Upload, Usage
 
 __all__ = ["ADAPTER", "GeminiAdapter"]
 
 _MODEL_IN_PATH = re.compile(r"/(?:tuned)?[mM]odels/([^/:?]+):")
+_LIVE = re.compile(r"\.BidiGenerateContent(?:Constrained)?$")
+
+
+def _bare_model(model: str | None) -> str | None:
+    return model.removeprefix("models/") if model else model
+
+
+def resource_name(path: str) -> str:
+    """What a path is about: the method after ':' (models/imagen-3:predict is "predict"), else the
+    collection (/v1beta/cachedContents is "cachedContents")."""
+    if ":" in path.rsplit("/", 1)[-1]:
+        return path.rsplit(":", 1)[-1]
+    parts = [p for p in path.split("/") if p and not re.fullmatch(r"v\d\w*", p) and p != "upload"]
+    return parts[0] if parts else "/"
 
 
 class GeminiAdapter:
     family = Family.GEMINI
 
     def endpoint_kind(self, method: str, path: str) -> EndpointKind:
+        path = bare_path(path).rstrip("/")
+        if method.upper() == "GET":
+            if _LIVE.search(path):
+                return EndpointKind.REALTIME  # Gemini Live, a WebSocket
+            if re.search(r"/(?:tuned)?[mM]odels(?:/[^/:]+)?$", path):
+                return EndpointKind.MODELS
+            if re.search(r"/files(?:/[^/]+)?$", path):
+                return EndpointKind.FILES
+            return EndpointKind.OTHER
         if method.upper() != "POST":
             return EndpointKind.OTHER
-        path = bare_path(path).rstrip("/")
         if path.endswith((":generateContent", ":streamGenerateContent")):
             return EndpointKind.CHAT
+        if path.endswith((":embedContent", ":batchEmbedContents")):
+            return EndpointKind.EMBEDDINGS
+        if path.endswith(":batchGenerateContent"):
+            return EndpointKind.BATCHES
+        if re.search(r"/files$", path):
+            return EndpointKind.FILES
         return EndpointKind.OTHER
+
+    def unmetered(self, method: str, path: str) -> str | None:
+        if method.upper() != "POST":
+            return None
+        kind = self.endpoint_kind(method, path)
+        if kind is EndpointKind.BATCHES:
+            return "batches"
+        path = bare_path(path).rstrip("/")
+        if kind is not EndpointKind.OTHER or path.endswith((":countTokens", ":cancel")):
+            return None
+        return resource_name(path)
 
     def request_facts(self, kind: EndpointKind, body: Mapping[str, Any], path: str) -> RequestFacts:
         path = bare_path(path)
         m = _MODEL_IN_PATH.search(path)
+        config = as_mapping(body.get("generationConfig"))
+        candidates = as_limit(config.get("candidateCount"))
+        budget = as_limit(as_mapping(config.get("thinkingConfig")).get("thinkingBudget"))
         return RequestFacts(
-            model=m.group(1) if m else as_text(body.get("model")),
+            model=m.group(1) if m else _bare_model(as_text(body.get("model"))),  # the path routes: it wins
             stream=path.endswith(":streamGenerateContent"),
-            max_output_tokens=as_limit(as_mapping(body.get("generationConfig")).get("maxOutputTokens")),
+            max_output_tokens=as_limit(config.get("maxOutputTokens")),
+            choices=min(max(candidates, 1), 128) if candidates is not None else 1,
+            thinking_budget=max(budget, 0) if budget is not None else 0,
         )
 
+    def set_output_limit(self, kind: EndpointKind, body: dict[str, Any], limit: int, field: str) -> None:
+        config = body.get("generationConfig")
+        if not isinstance(config, dict):
+            config = body["generationConfig"] = {}
+        config["maxOutputTokens"] = limit
+        thinking = config.get("thinkingConfig")
+        if isinstance(thinking, dict) and isinstance(thinking.get("thinkingBudget"), int):
+            if thinking["thinkingBudget"] > limit:
+                thinking["thinkingBudget"] = limit
+
+    def response_text(self, kind: EndpointKind, body: Mapping[str, Any]) -> str:
+        state = StreamState()
+        self.observe(kind, body, state)
+        return state.output_text
+
+    def media_usage(self, kind: EndpointKind, body: Mapping[str, Any], uploads: Sequence[Upload],
+                    facts: RequestFacts, prompt_tokens: int) -> Usage | None:
+        return None
+
     def prompt(self, kind: EndpointKind, body: Mapping[str, Any]) -> Prompt | None:
-        if kind is not EndpointKind.CHAT:
+        if kind is EndpointKind.EMBEDDINGS:
+            p = Prompt()
+            p.walk(body.get("content"))
+            for request in body.get("requests") or ():
+                p.walk(as_mapping(request).get("content"))
+            return p
+        if kind not in (EndpointKind.CHAT, EndpointKind.REALTIME):  # REALTIME: a Live turn
             return None
         p = Prompt()
         p.walk(body.get("systemInstruction") or body.get("system_instruction"))
@@ -79,7 +148,8 @@ class GeminiAdapter:
         thoughts = as_count(raw.get("thoughtsTokenCount"))
         return Usage(
             input_tokens=as_count(raw.get("promptTokenCount")) + as_count(raw.get("toolUsePromptTokenCount")),
-            output_tokens=as_count(raw.get("candidatesTokenCount")) + thoughts,
+            # Live says responseTokenCount
+            output_tokens=as_count(raw.get("candidatesTokenCount") or raw.get("responseTokenCount")) + thoughts,
             cache_read_tokens=as_count(raw.get("cachedContentTokenCount")),
             reasoning_tokens=thoughts,
             model_reported=model,

@@ -1,7 +1,7 @@
 """The request's path: one mitmproxy addon per stage, run in list order by the `Pipeline`.
 
-    tls → routing → identity → destinations → rate limit → policy → budget → meter → forward
-        → record → metrics → alerts
+    tls → routing → identity → destinations → rate limit → policy → sockets → budget → meter
+        → forward → record → metrics → alerts
 
 Within one mitmproxy event the stages run in this order: a refusal by an early stage is seen
 by the later ones (`flow.response` is set) and they step aside. When a request ends, each
@@ -19,7 +19,8 @@ from spendgate.metrics import Metrics
 from spendgate.pricing import Pricer
 from spendgate.settings import Settings
 from spendgate.stages.alerts import AlertFeed, Observer
-from spendgate.stages.budget import Budgets
+from spendgate.stages.budget import Budgets, CapRules
+from spendgate.stages.estimate import Estimator
 from spendgate.stages.forward import Forward
 from spendgate.stages.identity import Identity, Keys
 from spendgate.stages.meter import Meter
@@ -29,6 +30,7 @@ from spendgate.stages.ratelimit import RateLimit
 from spendgate.stages.record import Record
 from spendgate.stages.redaction import Redactor
 from spendgate.stages.routing import Destinations, Routes, Routing, connect_targets, local_addresses
+from spendgate.stages.sockets import Sockets
 from spendgate.stages.tls import TlsPolicy
 from spendgate.store.budgets import BudgetDef, ReserveRequest, ReserveResult
 from spendgate.store.writer import AuditWriter
@@ -59,19 +61,26 @@ def build_stages(
     listens = [(proxy.listen.host, proxy.listen.port), (settings.metrics.listen.host, settings.metrics.listen.port)]
     targets = connect_targets()
     secrets = [s for p in settings.providers for s in (p.api_key, p.admin_api_key)]
+    estimator = Estimator(budgets.default_max_output_tokens)
+    ratelimit = RateLimit()
+    caps = Budgets(registry.budgets_for, reserve, hold, pricer, estimator,
+                   CapRules(timedelta(seconds=budgets.reservation_ttl_seconds), budgets.fail_closed,
+                            budgets.clamp_output, budgets.min_output_tokens, frozenset(budgets.allow_unmetered)))
+    record = Record(writer, instance_id, settings.audit.capture_content, budgets.fail_closed, release)
     stages: list[object] = [
         TlsPolicy(routes.is_model_host, routes.verify_upstream),
         Routing(routes.provider_for, targets),
         Identity(registry, routes.is_model_host, proxy.block_other_hosts),
         Destinations(DestinationPolicy.build(proxy.allow_ports, proxy.allow_destinations, listens),
                      routes.provider_for, routes.model_upstream, local_addresses(listens), targets),
-        RateLimit(),
+        ratelimit,
         Policy(proxy.max_request_bytes),
-        Budgets(registry.budgets_for, reserve, hold, pricer, budgets.default_max_output_tokens,
-                timedelta(seconds=budgets.reservation_ttl_seconds), budgets.fail_closed),
-        Meter(pricer),
+        # A WebSocket's model calls are admitted by the same stages as a request, one by one.
+        Sockets(registry, [ratelimit.requestheaders, caps.request, record.request]),
+        caps,
+        Meter(pricer, estimator),
         Forward(Redactor(secrets)),
-        Record(writer, instance_id, settings.audit.capture_content, budgets.fail_closed, release),
+        record,
         MetricsStage(metrics, model_label),
     ]
     if alerts is not None:

@@ -1,4 +1,5 @@
-"""Stage: hand cap blocks and raw provider keys to the alert evaluator (in-memory appends, O(1))."""
+"""Stage: hand cap blocks, raw provider keys and unpriced models to the alert evaluator
+(in-memory appends, O(1))."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Protocol
 
 from mitmproxy import http
 
+from spendgate.pricing import CostSource
 from spendgate.stages.call import Call, Outcome
 from spendgate.store.budgets import Blocked
 
@@ -18,6 +20,8 @@ class Observer(Protocol):
 
     def observe_shadow(self, user: str | None, team: str | None, provider: str, passthrough: bool,
                        at: datetime) -> None: ...
+
+    def observe_unpriced(self, provider: str, model: str) -> None: ...
 
 
 class AlertFeed:
@@ -31,3 +35,6 @@ class AlertFeed:
             self.alerts.observe_cap_block(call.blocked, user, team, call.provider.name)
         elif call.byok_passthrough or call.error == "spendgate_foreign_key":
             self.alerts.observe_shadow(user, team, call.provider.name, call.byok_passthrough, call.started_at)
+        unpriced = call.error == "spendgate_unpriced_model"
+        if unpriced or (call.metering.cost_source is CostSource.UNKNOWN and call.metering.usage is not None):
+            self.alerts.observe_unpriced(call.provider.name, call.model_requested or "(none)")

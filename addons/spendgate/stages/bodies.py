@@ -8,12 +8,15 @@ duplicate keys, invalid UTF-8) is refused, never guessed at. Pure: bytes in, val
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import brotli  # type: ignore[import-untyped]
 from backports import zstd
+
+from spendgate.providers.wire import Upload
 
 MAX_JSON_DEPTH = 128
 _CHUNK = 64 * 1024
@@ -190,3 +193,62 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(doc) > MAX_JSON_DEPTH:
         raise bad(f"is nested more than {MAX_JSON_DEPTH} levels deep")
     return doc
+
+
+# -- multipart/form-data (audio to transcribe, images to edit) ------------------------------------
+
+_FIELD_LIMIT = 64 * 1024  # a form's text field longer than this is not one the gateway reads
+_BOUNDARY = re.compile(r'boundary="?([^";,\s]+)"?', re.I)
+_NAME = re.compile(r'(?:^|;)\s*name="([^"]*)"', re.I)
+_FILENAME = re.compile(r'filename="([^"]*)"', re.I)
+
+
+def parse_form(raw: bytes, content_type: str) -> tuple[dict[str, str], list[Upload]]:
+    """The text fields of a multipart form and a measure of its files (size, and an audio file's
+    duration where its header says). Raises BodyError on a form without a boundary."""
+    m = _BOUNDARY.search(content_type)
+    if m is None:
+        raise BodyError(400, "spendgate_invalid_body", "A multipart/form-data body needs a boundary.")
+    sep = b"--" + m.group(1).encode("latin-1", "replace")
+    fields: dict[str, str] = {}
+    uploads: list[Upload] = []
+    for part in raw.split(sep)[1:]:
+        if part.startswith(b"--"):
+            break
+        head, _, data = part.partition(b"\r\n\r\n")
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        headers: dict[str, str] = {}
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        disposition = headers.get("content-disposition", "")
+        name = _NAME.search(disposition)
+        if name is None:
+            continue
+        filename = _FILENAME.search(disposition)
+        if filename is not None or headers.get("content-type", "text/plain").split(";")[0] not in ("text/plain", ""):
+            uploads.append(Upload(name.group(1), filename.group(1) if filename else None, headers.get("content-type"),
+                                  len(data), wav_seconds(data)))
+        elif len(data) <= _FIELD_LIMIT:
+            fields[name.group(1)] = data.decode("utf-8", "replace")
+    return fields, uploads
+
+
+def wav_seconds(data: bytes) -> float | None:
+    """A WAV file's duration from its header; None for anything else."""
+    if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, byte_rate = 12, 0
+    while pos + 8 <= len(data):
+        chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if chunk == b"fmt " and size >= 16:
+            byte_rate = int.from_bytes(data[pos + 16:pos + 20], "little")
+        elif chunk == b"data":
+            if byte_rate <= 0:
+                return None
+            size = min(size, len(data) - pos - 8)  # a streaming WAV says 0xFFFFFFFF
+            return size / byte_rate
+        pos += 8 + size + (size & 1)
+    return None

@@ -1,33 +1,50 @@
 """Stage: caps, checked before the request goes upstream.
 
-The request's cost is estimated (prompt tokens counted with tiktoken, plus its own output
-limit or the configured default) and reserved atomically against every cap that applies.
-Settlement replaces the reservation by the actual cost when the request ends: `Record` writes
-it in the same transaction as the request's audit completion.
+For a caller under a cap, the request's cost is estimated (`Estimator`: the prompt, and every
+answer it asks for) and reserved atomically against every cap that applies. What cannot be
+estimated is refused: a model without a price (unless `[prices] unknown_model = "fallback"`) and
+endpoints the gateway cannot price up front (unless named in `[budgets] allow_unmetered`).
+
+When the full output limit does not fit, the limit is lowered to what is left (`clamp_output`):
+the reservation is what was sent, so the cap still holds exactly. Settlement replaces the
+reservation by the actual cost when the request ends (`Record`, one transaction with the row).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from mitmproxy import http
 
 from spendgate.money import MAX_NANO, Nano, to_nano, usd_text
-from spendgate.pricing import Pricer
-from spendgate.providers.tokens import estimate_input_tokens
-from spendgate.providers.wire import EndpointKind, Usage
-from spendgate.stages.call import OFF_LOOP_BYTES, Call, Hold, Outcome, get_call, refuse
-from spendgate.store.budgets import BudgetDef, ReserveRequest, ReserveResult
+from spendgate.pricing import CostSource, Pricer, price_line
+from spendgate.providers import adapter_for
+from spendgate.providers.wire import Usage
+from spendgate.stages.call import Call, Hold, Outcome, get_call, refuse
+from spendgate.stages.estimate import Estimator, clampable
+from spendgate.store.budgets import Blocked, BudgetDef, ReserveRequest, ReserveResult
 from spendgate.store.models import utcnow
 
 log = logging.getLogger(__name__)
 
 REMAINING_HEADER = "x-spendgate-budget-remaining-usd"
-MAX_OUTPUT_TOKENS = 10_000_000
+LIMITED_HEADER = "x-spendgate-output-limited"
+_CLAMP_TRIES = 3  # another cap, or a concurrent request, may block the lowered estimate too
+
+
+@dataclass(frozen=True)
+class CapRules:
+    """`[budgets]` and `[prices]` as this stage reads them."""
+
+    reservation_ttl: timedelta
+    fail_closed: bool
+    clamp_output: bool = True
+    min_output_tokens: int = 256
+    allow_unmetered: frozenset[str] = frozenset()
 
 
 class Budgets:
@@ -37,33 +54,24 @@ class Budgets:
         reserve: Callable[[ReserveRequest], Awaitable[ReserveResult]],
         on_hold: Callable[[str], None],
         pricer: Pricer,
-        default_max_output_tokens: int,
-        reservation_ttl: timedelta,
-        fail_closed: bool,
+        estimator: Estimator,
+        rules: CapRules,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.budgets_for = budgets_for
         self.reserve = reserve
         self.on_hold = on_hold  # the maintenance loop keeps a live request's hold from expiring
         self.pricer = pricer
-        self.default_max_output_tokens = default_max_output_tokens
-        self.ttl = reservation_ttl
-        self.fail_closed = fail_closed
+        self.estimator = estimator
+        self.rules = rules
         self.clock = clock
 
-    async def estimate_nusd(self, call: Call) -> Nano:
-        kind = call.endpoint_kind
-        if kind is EndpointKind.OTHER or call.body is None:
-            return Nano(0)
-        family, body, model = call.provider.spec.family, call.body, call.model_requested
-        if call.request_bytes > OFF_LOOP_BYTES:
-            inp = await asyncio.to_thread(estimate_input_tokens, family, kind, body, model)
-        else:
-            inp = estimate_input_tokens(family, kind, body, model)
-        out = 0 if kind is EndpointKind.EMBEDDINGS else (call.max_output_tokens or self.default_max_output_tokens)
-        out = min(max(out, 0), MAX_OUTPUT_TOKENS)  # a negative or absurd limit must not shrink or overflow the estimate
-        cost = self.pricer.cost(call.provider.name, model, Usage(input_tokens=inp, output_tokens=out))
+    def _nusd(self, call: Call, usage: Usage) -> Nano:
+        cost = self.pricer.price(call.provider.name, call.model_requested, usage=usage).cost
         return min(to_nano(cost), MAX_NANO) if cost is not None else Nano(0)
+
+    async def estimate_nusd(self, call: Call) -> Nano:
+        return self._nusd(call, await self.estimator.usage(call))
 
     async def request(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)
@@ -71,38 +79,120 @@ class Budgets:
             return
         budgets = self.budgets_for(call.key.user, call.key.team)
         if not budgets:
+            return  # no cap: served whatever it costs, and recorded
+        if self._refused_unmeasurable(flow, call):
             return
-        amount = await self.estimate_nusd(call)
+        usage = await self.estimator.usage(call)
+        amount = self._nusd(call, usage)
         now = self.clock()
+        result = await self._reserve(flow, call, budgets, amount, now)
+        if result is None:
+            return
+        limited: int | None = None
+        tries = 0
+        while result.blocked is not None and self.rules.clamp_output and clampable(call) and tries < _CLAMP_TRIES:
+            tries += 1
+            fit = self._affordable(call, usage, result.blocked)
+            if fit is None or fit < self.rules.min_output_tokens:
+                break
+            usage = self.estimator.with_output(usage, fit, call.choices)
+            amount = self._nusd(call, usage)
+            result = await self._reserve(flow, call, budgets, amount, now)
+            if result is None:
+                return
+            limited = fit
+        if result.blocked is not None:
+            self._refuse_cap(flow, call, result.blocked, amount, now)
+            return
+        if limited is not None and call.body is not None:
+            adapter_for(call.provider.spec.family).set_output_limit(
+                call.endpoint_kind, call.body, limited, call.provider.spec.chat_limit_field)
+            call.body_changed = True
+            call.max_output_tokens = call.output_limited = limited
+        call.hold = Hold(amount, result.refs, result.remaining_nusd)
+        self.on_hold(call.request_id)
+
+    def _refused_unmeasurable(self, flow: http.HTTPFlow, call: Call) -> bool:
+        """Refuse, for a caller under a cap, what the gateway cannot estimate: fail closed."""
+        if call.unmetered is not None and call.unmetered not in self.rules.allow_unmetered:
+            refuse(flow, call, 403, "spendgate_unmetered_endpoint",
+                   f"The gateway cannot price {call.unmetered} requests ({flow.request.method} "
+                   f"{flow.request.path.split('?', 1)[0][:200]}) before they are sent, so they are refused for keys "
+                   f"under a spend cap. An admin can allow them with [budgets] allow_unmetered = "
+                   f'["{call.unmetered}"] (their cost is then not capped).',
+                   Outcome.BLOCKED_POLICY)
+            return True
+        if not call.endpoint_kind.metered or call.upgrade:
+            return False  # a WebSocket upgrade: each of its model calls is checked as it is sent
+        source = self.pricer.source(call.provider.name, call.model_requested)
+        if source is CostSource.UNKNOWN:
+            model = call.model_requested
+            named = repr(model[:200]) if model else "(no model named)"
+            line = price_line(call.provider.name, model[:200] if model else "MODEL")
+            refuse(flow, call, 403, "spendgate_unpriced_model",
+                   f"No price is known for {call.provider.name} model {named}, so its cost cannot be held against "
+                   f"your spend cap and the request was not sent. Ask your admin to add its price (USD per million "
+                   f"tokens) to the gateway config under [prices.overrides]: {line}, or to set "
+                   f'[prices] unknown_model = "fallback".',
+                   Outcome.BLOCKED_POLICY)
+            call.metering.cost_source = CostSource.UNKNOWN
+            return True
+        return False
+
+    async def _reserve(self, flow: http.HTTPFlow, call: Call, budgets: Sequence[BudgetDef], amount: Nano,
+                       now: datetime) -> ReserveResult | None:
         try:
-            result = await self.reserve(ReserveRequest(call.request_id, tuple(budgets), amount, now, self.ttl))
+            return await self.reserve(ReserveRequest(call.request_id, tuple(budgets), amount, now,
+                                                     self.rules.reservation_ttl))
         except Exception as e:
             log.error("budget reservation failed: %s", type(e).__name__)
-            if self.fail_closed:
+            if self.rules.fail_closed:
                 refuse(flow, call, 503, "spendgate_store_unavailable",
                        "The gateway cannot check your budget right now, so the request was not sent. "
                        "Try again shortly.",
                        Outcome.GATEWAY_ERROR)
-            return
-        if result.blocked is not None:
-            b = result.blocked
-            retry_after = max(1, math.ceil((b.resets_at - now).total_seconds()))
-            who = "global" if b.scope == "global" else f"{b.scope} {b.name}"
-            spent = b.spent_nusd + b.reserved_nusd
-            reached = ("reached" if spent >= b.cap_nusd
-                       else f"would be passed by this request (estimated ${usd_text(amount, places=6)})")
-            msg = (f"Spend cap for {who} {reached}: spent ${usd_text(spent, places=6)} of "
-                   f"${usd_text(b.cap_nusd, places=6)} this {b.period}. The cap resets at {b.resets_at.isoformat()}.")
-            refuse(flow, call, 429, "spendgate_budget_exceeded", msg, Outcome.BLOCKED_CAP,
-                   headers={"retry-after": str(retry_after),
-                            REMAINING_HEADER: usd_text(max(0, b.cap_nusd - spent), places=6)})
-            call.blocked = b
-            return
-        call.hold = Hold(amount, result.refs, result.remaining_nusd)
-        self.on_hold(call.request_id)
+            return None
+
+    def _affordable(self, call: Call, usage: Usage, cap: Blocked) -> int | None:
+        """Output tokens per answer the cap's headroom pays for, beside the prompt; None: none do."""
+        left = cap.cap_nusd - cap.spent_nusd - cap.reserved_nusd
+        base = self._nusd(call, self.estimator.with_output(usage, 0, call.choices))
+        asked = self.estimator.output_per_choice(call)
+        if left <= base or asked <= 0:
+            return None
+        full = self._nusd(call, usage)
+        per_token = (full - base) / (asked * call.choices)
+        if per_token <= 0:
+            return None
+        fit = min(asked - 1, math.floor((left - base) / (per_token * call.choices)))
+        # Tiered prices are not linear: step down until the estimate really fits.
+        while fit > 0 and self._nusd(call, self.estimator.with_output(usage, fit, call.choices)) > left:
+            fit = math.floor(fit * 0.98)
+        return fit if fit > 0 else None
+
+    def _refuse_cap(self, flow: http.HTTPFlow, call: Call, b: Blocked, amount: Nano, now: datetime) -> None:
+        retry_after = max(1, math.ceil((b.resets_at - now).total_seconds()))
+        who = "global" if b.scope == "global" else f"{b.scope} {b.name}"
+        spent = b.spent_nusd + b.reserved_nusd
+        reached = ("reached" if spent >= b.cap_nusd
+                   else f"would be passed by this request (estimated ${usd_text(amount, places=6)})")
+        fewer = ""
+        if self.rules.clamp_output and clampable(call):
+            fewer = f" Not even {self.rules.min_output_tokens} output tokens fit in what is left ([budgets] " \
+                    "min_output_tokens)."
+        msg = (f"Spend cap for {who} {reached}: spent ${usd_text(spent, places=6)} of "
+               f"${usd_text(b.cap_nusd, places=6)} this {b.period}.{fewer} "
+               f"The cap resets at {b.resets_at.isoformat()}.")
+        refuse(flow, call, 429, "spendgate_budget_exceeded", msg, Outcome.BLOCKED_CAP,
+               headers={"retry-after": str(retry_after),
+                        REMAINING_HEADER: usd_text(max(0, b.cap_nusd - spent), places=6)})
+        call.blocked = b
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)
-        if call is None or flow.response is None or call.hold is None or call.hold.remaining_nusd is None:
+        if call is None or flow.response is None or call.hold is None:
             return
-        flow.response.headers[REMAINING_HEADER] = usd_text(max(0, call.hold.remaining_nusd), places=6)
+        if call.hold.remaining_nusd is not None:
+            flow.response.headers[REMAINING_HEADER] = usd_text(max(0, call.hold.remaining_nusd), places=6)
+        if call.output_limited is not None:
+            flow.response.headers[LIMITED_HEADER] = str(call.output_limited)

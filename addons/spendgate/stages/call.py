@@ -21,9 +21,10 @@ from mitmproxy.connection import ConnectionState
 
 from spendgate.keys import KeyRecord
 from spendgate.money import Nano
+from spendgate.pricing import CostSource
 from spendgate.providers.errors import error_body
 from spendgate.providers.stream import StreamTap
-from spendgate.providers.wire import EndpointKind, Usage, UsageSource
+from spendgate.providers.wire import EndpointKind, Upload, Usage, UsageSource
 from spendgate.settings import ProviderSettings
 from spendgate.store.audit import AuditRow
 from spendgate.store.budgets import Blocked, BudgetRef
@@ -88,6 +89,7 @@ class Metering:
     usage: Usage | None = None
     source: UsageSource | None = None
     cost: Decimal | None = None
+    cost_source: CostSource | None = None
     response_bytes: int = 0
 
 
@@ -121,7 +123,14 @@ class Call:
     model_requested: str | None = None
     stream: bool = False
     max_output_tokens: int | None = None
-    body: dict[str, Any] | None = None
+    choices: int = 1  # answers asked for (n, best_of, candidateCount)
+    thinking_budget: int = 0
+    unmetered: str | None = None  # billable, but not priceable before it is sent (batches, fine_tuning, …)
+    upgrade: bool = False  # a WebSocket upgrade: its model calls are admitted one by one (`Sockets`)
+    body: dict[str, Any] | None = None  # the JSON body, or a form's text fields
+    uploads: tuple[Upload, ...] = ()  # a form's files, measured
+    body_changed: bool = False  # a stage changed `body`: Forward re-encodes it
+    output_limited: int | None = None  # the output limit the gateway lowered the request to
     request_bytes: int = 0
     outcome: Outcome | None = None  # set by a refusal, else when the request ends
     status_code: int | None = None

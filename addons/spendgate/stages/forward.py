@@ -9,6 +9,7 @@ untouched and is never buffered.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 
 from mitmproxy import http
@@ -43,6 +44,10 @@ class Forward:
         if call.stream:
             # A compressed event stream cannot be read as it passes.
             flow.request.headers["accept-encoding"] = "identity"
+        if call.body_changed and call.body is not None and not call.uploads:
+            # A stage changed what is sent (stream usage asked for, output limit lowered); the
+            # content setter encodes it again as the request's content-encoding says.
+            flow.request.content = json.dumps(call.body, separators=(",", ":")).encode()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)

@@ -29,7 +29,7 @@ REQUEST_HOOKS = frozenset({"http_connect", "requestheaders", "request"})
 PRE_HOOKS = frozenset({"requestheaders", "request"})  # their time is gateway time before the request leaves
 HOOKS = (
     "tls_clienthello", "tls_start_server", "server_connect", "http_connect", "requestheaders", "request",
-    "responseheaders", "response", "error",
+    "responseheaders", "response", "error", "websocket_start", "websocket_message", "websocket_end",
 )
 _Chain = list[tuple[str, Callable[..., Any], bool]]
 
@@ -48,6 +48,10 @@ class Pipeline:
                 setattr(self, hook, self._async_runner(hook, chain, ends))
             else:
                 setattr(self, hook, self._sync_runner(hook, chain))
+        for stage in stages:
+            bind = getattr(stage, "bind_pipeline", None)
+            if bind is not None:
+                bind(self.end)  # a stage that ends calls of its own (WebSocket model calls)
 
     @staticmethod
     def _chain(stages: list[Any], hook: str) -> _Chain:
@@ -97,11 +101,11 @@ class Pipeline:
                 spent += dt
             _account(arg, spent, pre)
             if ends and isinstance(arg, http.HTTPFlow):
-                await self._end(arg)
+                await self.end(arg)
 
         return run
 
-    async def _end(self, flow: http.HTTPFlow) -> None:
+    async def end(self, flow: http.HTTPFlow) -> None:
         """Run every stage's `finish` once per request, whichever of response / error comes first."""
         call = get_call(flow)
         if call is None or call.finished:

@@ -7,18 +7,34 @@ from typing import Any
 
 from mitmproxy import http
 
-from spendgate.providers import endpoint_kind_for, request_facts
-from spendgate.providers.wire import EndpointKind
-from spendgate.stages.bodies import BodyError, decode, decoded_size, parse_json_object
+from spendgate.providers import endpoint_kind_for, request_facts, unmetered
+from spendgate.providers.wire import EndpointKind, Upload
+from spendgate.stages.bodies import BodyError, decode, decoded_size, parse_form, parse_json_object
 from spendgate.stages.call import OFF_LOOP_BYTES, Outcome, get_call, refuse
 
+_Read = tuple[dict[str, Any] | None, list[Upload]]
 
-def _read(raw: bytes, encoding: str | None, limit: int, want_json: bool) -> dict[str, Any] | None:
-    """The JSON body, decoded within `limit`; a body that is not JSON is only measured. Raises BodyError."""
-    if not want_json:
+
+def _read(raw: bytes, encoding: str | None, limit: int, want: str | None) -> _Read:
+    """The body, decoded within `limit`: a JSON object (`want="json"`), a form's fields and files
+    (a multipart content type), else only measured. Raises BodyError."""
+    if want is None:
         decoded_size(raw, encoding, limit)
+        return None, []
+    if want == "json":
+        return parse_json_object(decode(raw, encoding, limit)), []
+    fields, uploads = parse_form(decode(raw, encoding, limit), want)
+    return dict(fields), uploads
+
+
+def _wanted(kind: EndpointKind, method: str, content_type: str) -> str | None:
+    """What of the body the gateway reads: JSON for what it meters, a form's fields for uploads.
+    A GET has no body (a WebSocket upgrade: its messages are metered one by one)."""
+    if not kind.metered or method.upper() != "POST":
         return None
-    return parse_json_object(decode(raw, encoding, limit))
+    if content_type.lower().startswith("multipart/form-data"):
+        return content_type
+    return "json"
 
 
 class Policy:
@@ -43,29 +59,36 @@ class Policy:
             return
         content = flow.request.raw_content or b""
         call.request_bytes = len(content)
-        path = flow.request.path
-        kind = endpoint_kind_for(call.provider.spec.family, flow.request.method, path)
+        path, method = flow.request.path, flow.request.method
+        spec = call.provider.spec
+        kind = endpoint_kind_for(spec.family, method, path)
         call.endpoint_kind = kind
+        call.unmetered = unmetered(spec, method, path)
         limit = self.max_request_bytes
         encoding = flow.request.headers.get("content-encoding")
-        want_json = kind is not EndpointKind.OTHER
+        want = _wanted(kind, method, flow.request.headers.get("content-type", ""))
+        body: dict[str, Any] | None
+        uploads: list[Upload]
         try:
-            if encoding is None and not want_json:
-                body = None  # nothing to decode or parse; the edge already bounded the size
+            if encoding is None and want is None:
+                body, uploads = None, []  # nothing to decode or parse; the edge already bounded the size
             elif len(content) > OFF_LOOP_BYTES:
                 # A large body (up to max_request_bytes) would stall every other request while it parses.
-                body = await asyncio.to_thread(_read, content, encoding, limit, want_json)
+                body, uploads = await asyncio.to_thread(_read, content, encoding, limit, want)
             else:
-                body = _read(content, encoding, limit, want_json)
+                body, uploads = _read(content, encoding, limit, want)
         except BodyError as e:
             refuse(flow, call, e.status, e.code, str(e), Outcome.BLOCKED_POLICY)
             return
         call.body = body
-        facts = request_facts(call.provider.spec, kind, body, path)
+        call.uploads = tuple(uploads)
+        facts = request_facts(spec, kind, body, path)
         model = facts.model
         call.model_requested = model
         call.stream = facts.stream
         call.max_output_tokens = facts.max_output_tokens
+        call.choices = facts.choices
+        call.thinking_budget = facts.thinking_budget
         key = call.key
         if key is not None and not key.model_allowed(model):
             refuse(flow, call, 403, "spendgate_model_not_allowed",

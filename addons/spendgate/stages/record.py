@@ -18,6 +18,7 @@ from spendgate.stages.call import Call, Capture, Outcome, client_gone, get_call,
 from spendgate.store.audit import AuditRow, ContentRow
 from spendgate.store.budgets import Settlement
 from spendgate.store.models import AuditRecord, utcnow
+from spendgate.store.ratelimits import RateCheck
 from spendgate.store.rowfit import RowFitter
 from spendgate.store.writer import AuditUnavailable, AuditWriter, Finished
 
@@ -57,6 +58,8 @@ def audit_row(flow: http.HTTPFlow, call: Call, instance_id: str, ended: bool) ->
         row.model_reported, row.upstream_request_id = u.model_reported, u.upstream_request_id
         row.usage_source = m.source
         row.cost_nusd = to_nano(m.cost) if m.cost is not None else None
+    if m.cost_source is not None:
+        row.cost_source = m.cost_source
     if call.audit.begin_failed:
         row.error = f"{row.error or ''} (audit row written late: {call.audit.begin_failed})".strip()
     return row
@@ -122,8 +125,11 @@ class Record:
         reason = self._capture_reason(call)
         if reason is not None:
             call.capture = Capture(reason)
+        key = call.key
+        rate = RateCheck(key.key_id, key.rpm, utcnow()) if key is not None and key.rpm else None
         try:
-            await self.writer.begin(self._fit(call, audit_row(flow, call, self.instance_id, ended=False)))
+            counted = await self.writer.begin(self._fit(call, audit_row(flow, call, self.instance_id, ended=False)),
+                                              rate)
         except AuditUnavailable as e:
             call.audit.begin_failed = str(e)
             if self.fail_closed:
@@ -135,6 +141,12 @@ class Record:
             log.error("audit row not committed (%s); forwarding because budgets.fail_closed = false", e)
             return
         call.audit.begun = True
+        if counted is not None and not counted.allowed and key is not None:
+            # Counted in the store every instance shares: the limit holds for the key in total.
+            refuse(flow, call, 429, "spendgate_rate_limited",
+                   f"Rate limit: key {key.key_id} allows {key.rpm} requests per minute (across every gateway "
+                   f"instance). Retry in {counted.retry_after} s.",
+                   Outcome.BLOCKED_RATE, headers={"retry-after": str(counted.retry_after)})
 
     def finish(self, flow: http.HTTPFlow, call: Call) -> None:
         row = self._fit(call, audit_row(flow, call, self.instance_id, ended=True))

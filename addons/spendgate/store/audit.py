@@ -55,6 +55,7 @@ class AuditRow:
     content_captured: bool = False
     instance_id: str | None = None
     cut_fields: str | None = None
+    cost_source: str | None = None  # provider | override | fallback | unknown
 
     def params(self, columns: Sequence[str]) -> dict[str, Any]:
         return {c: _plain(getattr(self, c)) for c in columns}
@@ -68,8 +69,8 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AuditRow))
 # What is only known when the request ends.
 COMPLETION: tuple[str, ...] = (
     "ended_at", "status_code", "outcome", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-    "reasoning_tokens", "usage_source", "cost_nusd", "latency_ms", "ttft_ms", "response_bytes", "model_reported",
-    "upstream_request_id", "error", "cut_fields",
+    "reasoning_tokens", "usage_source", "cost_nusd", "cost_source", "latency_ms", "ttft_ms", "response_bytes",
+    "model_reported", "upstream_request_id", "error", "cut_fields",
 )
 # The columns a row keeps when the store rejects it: it must still say who, when, where and how it ended.
 ESSENTIAL = frozenset({"id", "started_at", "provider", "host", "method", "path", "endpoint_kind", "outcome",

@@ -129,6 +129,7 @@ class AuditRecord(SQLModel, table=True):
     content_captured: bool = False
     instance_id: Optional[str] = Field(default=None, sa_column=sa.Column(sa.String(40), nullable=True))
     cut_fields: Optional[str] = Field(default=None, sa_column=sa.Column(sa.String(200), nullable=True))
+    cost_source: Optional[str] = Field(default=None, sa_column=sa.Column(sa.String(16), nullable=True))
 
 
 class CapturedContent(SQLModel, table=True):
@@ -201,3 +202,13 @@ class AlertSent(SQLModel, table=True):
     text: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
     blocks: Optional[str] = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     error: Optional[str] = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+
+
+class RateWindow(SQLModel, table=True):
+    """Requests a key made this minute and the last (`--rpm`), shared by every gateway instance."""
+
+    __tablename__ = "rate_windows"
+    key_id: str = Field(sa_column=sa.Column(sa.String(16), primary_key=True))
+    minute: int = Field(sa_column=sa.Column(sa.BigInteger(), nullable=False))  # minutes since the epoch
+    n: int = Field(default=0, sa_column=sa.Column(sa.Integer(), nullable=False, default=0))
+    prev_n: int = Field(default=0, sa_column=sa.Column(sa.Integer(), nullable=False, default=0))

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Union
 
-from spendgate.store import Database, audit, budgets
+from spendgate.store import Database, audit, budgets, ratelimits
 from spendgate.store.audit import ESSENTIAL, AuditRow, ContentRow
 from spendgate.store.budgets import ReserveRequest, ReserveResult, Settlement
+from spendgate.store.ratelimits import RateCheck, RateResult
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,15 @@ class Finished:
     content: ContentRow | None = None
 
 
-Payload = Union[AuditRow, Finished, ReserveRequest]
+@dataclass(frozen=True)
+class Begin:
+    """A request about to go upstream: its row, and its key's `--rpm` count taken in the same commit."""
+
+    row: AuditRow
+    rate: RateCheck | None = None
+
+
+Payload = Union[Begin, Finished, ReserveRequest]
 
 
 @dataclass
@@ -53,7 +62,7 @@ class _Item:
     @property
     def request_id(self) -> str:
         p = self.payload
-        return p.id if isinstance(p, AuditRow) else p.row.id if isinstance(p, Finished) else p.request_id
+        return p.row.id if isinstance(p, (Begin, Finished)) else p.request_id
 
 
 @dataclass
@@ -93,9 +102,11 @@ class AuditWriter:
 
     # -- producers (event loop) -----------------------------------------------
 
-    async def begin(self, row: AuditRow) -> None:
-        """Insert the "did it happen" row and wait until it is committed. Raises if it cannot be."""
-        await self._wait(_Item("begin", row))
+    async def begin(self, row: AuditRow, rate: RateCheck | None = None) -> RateResult | None:
+        """Insert the "did it happen" row and wait until it is committed. Raises if it cannot be.
+        With `rate`, the key's request is counted in the same commit: the result says if it may go."""
+        result: RateResult | None = await self._wait(_Item("begin", Begin(row, rate)))
+        return result
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         """Hold a request's estimate against its caps, committed with this batch. Raises if it cannot be."""
@@ -186,10 +197,13 @@ class AuditWriter:
         contents: list[ContentRow] = []
         settles: list[Settlement] = []
         reserve_items = [i for i in batch if i.kind == "reserve"]
+        rate_items: list[_Item] = []
         for item in batch:
             p = item.payload
-            if isinstance(p, AuditRow):
-                inserts.append(p)
+            if isinstance(p, Begin):
+                inserts.append(p.row)
+                if p.rate is not None:
+                    rate_items.append(item)
             elif isinstance(p, Finished):
                 (completions if p.begun else inserts).append(p.row)
                 if p.content is not None:
@@ -202,6 +216,9 @@ class AuditWriter:
                 results = budgets.apply(conn, settles, [i.payload for i in reserve_items])  # type: ignore[misc]
                 for item, result in zip(reserve_items, results):
                     item.result = result
+            for item in rate_items:
+                assert isinstance(item.payload, Begin) and item.payload.rate is not None
+                item.result = ratelimits.take(conn, item.payload.rate)
 
     def _commit(self, batch: list[_Item]) -> list[_Item]:
         """Commit a batch; returns the items to try again later (the store is down)."""
@@ -316,8 +333,8 @@ def _salvage(item: _Item, e: Exception) -> list[_Item]:
     reservation. A finished request's content goes before its completion and settlement do: the
     content row may be what the store rejects (a conflict), and the other two must still land."""
     p = item.payload
-    if isinstance(p, AuditRow):
-        return [_Item(item.kind, _bare(p, e), item.done, item.loop, item.attempts)]
+    if isinstance(p, Begin):
+        return [_Item(item.kind, Begin(_bare(p.row, e), p.rate), item.done, item.loop, item.attempts)]
     if isinstance(p, Finished):
         row = _bare(p.row, e)
         out = []

@@ -72,26 +72,73 @@ def test_adapters_share_one_signature_per_method(family: Family, method: str) ->
         (F.OPENAI, "POST", "/openai/deployments/emb/embeddings?api-version=1", K.EMBEDDINGS),
         (F.OPENAI, "GET", "/v1/responses/resp_123", K.OTHER),
         (F.OPENAI, "GET", "/v1/chat/completions", K.OTHER),
-        (F.OPENAI, "GET", "/v1/models", K.OTHER),
-        (F.OPENAI, "POST", "/v1/files", K.OTHER),
+        (F.OPENAI, "GET", "/v1/models", K.MODELS),
+        (F.OPENAI, "GET", "/v1/models/gpt-4o", K.MODELS),
+        (F.OPENAI, "POST", "/v1/files", K.FILES),
+        (F.OPENAI, "GET", "/v1/files/file-1/content", K.FILES),
         (F.OPENAI, "POST", "/v1/responses/resp_1/cancel", K.OTHER),
+        (F.OPENAI, "POST", "/v1/images/generations", K.IMAGES),
+        (F.OPENAI, "POST", "/v1/images/edits", K.IMAGES),
+        (F.OPENAI, "POST", "/v1/audio/speech", K.AUDIO),
+        (F.OPENAI, "POST", "/v1/audio/transcriptions", K.AUDIO),
+        (F.OPENAI, "POST", "/v1/batches", K.BATCHES),
+        (F.OPENAI, "GET", "/v1/batches/batch_1", K.BATCHES),
+        (F.OPENAI, "GET", "/v1/realtime?model=gpt-realtime", K.REALTIME),
+        (F.OPENAI, "POST", "/v1/realtime/client_secrets", K.REALTIME),
+        (F.OPENAI, "POST", "/v1/fine_tuning/jobs", K.OTHER),
         (F.ANTHROPIC, "POST", "/v1/messages", K.MESSAGES),
         (F.ANTHROPIC, "POST", "/v1/messages?beta=true", K.MESSAGES),
         (F.ANTHROPIC, "POST", "/v1/messages/count_tokens", K.OTHER),
-        (F.ANTHROPIC, "POST", "/v1/messages/batches", K.OTHER),
+        (F.ANTHROPIC, "POST", "/v1/messages/batches", K.BATCHES),
         (F.ANTHROPIC, "GET", "/v1/messages", K.OTHER),
+        (F.ANTHROPIC, "GET", "/v1/models", K.MODELS),
         (F.ANTHROPIC, "POST", "/v1/chat/completions", K.OTHER),
         (F.GEMINI, "POST", "/v1beta/models/gemini-2.5-flash:generateContent", K.CHAT),
         (F.GEMINI, "POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", K.CHAT),
         (F.GEMINI, "POST", "/v1beta/models/gemini-2.5-flash:countTokens", K.OTHER),
-        (F.GEMINI, "POST", "/v1beta/models/text-embedding-004:embedContent", K.OTHER),
+        (F.GEMINI, "POST", "/v1beta/models/text-embedding-004:embedContent", K.EMBEDDINGS),
+        (F.GEMINI, "POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", K.BATCHES),
         (F.GEMINI, "GET", "/v1beta/models/gemini-2.5-flash:generateContent", K.OTHER),
-        (F.GEMINI, "GET", "/v1beta/models", K.OTHER),
+        (F.GEMINI, "GET", "/v1beta/models", K.MODELS),
+        (F.GEMINI, "GET", "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent", K.REALTIME),
     ],
 )
 def test_endpoint_kind(family: Family, method: str, path: str, kind: EndpointKind) -> None:
     assert adapter_for(family).endpoint_kind(method, path) is kind
     assert endpoint_kind_for(family, method, path) is kind
+
+
+@pytest.mark.parametrize(
+    "family, method, path, name",
+    [
+        (F.OPENAI, "POST", "/v1/chat/completions", None),
+        (F.OPENAI, "POST", "/v1/images/generations", None),
+        (F.OPENAI, "POST", "/v1/files", None),
+        (F.OPENAI, "POST", "/v1/uploads/up_1/parts", None),
+        (F.OPENAI, "POST", "/v1/moderations", None),
+        (F.OPENAI, "POST", "/v1/responses/resp_1/cancel", None),
+        (F.OPENAI, "POST", "/v1/responses/input_tokens", None),
+        (F.OPENAI, "GET", "/v1/batches", None),
+        (F.OPENAI, "POST", "/v1/batches", "batches"),
+        (F.OPENAI, "POST", "/v1/batches/batch_1/cancel", None),
+        (F.OPENAI, "POST", "/v1/fine_tuning/jobs", "fine_tuning"),
+        (F.OPENAI, "POST", "/openai/fine_tuning/jobs?api-version=1", "fine_tuning"),
+        (F.OPENAI, "POST", "/v1/threads/thread_1/runs", "threads"),
+        (F.OPENAI, "POST", "/v1/realtime/client_secrets", "realtime"),
+        (F.OPENAI, "POST", "/v1/ocr", "ocr"),  # mistral
+        (F.ANTHROPIC, "POST", "/v1/messages/batches", "batches"),
+        (F.ANTHROPIC, "POST", "/v1/messages/count_tokens", None),
+        (F.ANTHROPIC, "POST", "/v1/complete", "complete"),
+        (F.ANTHROPIC, "POST", "/api/event_logging/batch", None),
+        (F.GEMINI, "POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", "batches"),
+        (F.GEMINI, "POST", "/v1beta/models/imagen-3.0:predict", "predict"),
+        (F.GEMINI, "POST", "/v1beta/cachedContents", "cachedContents"),
+        (F.GEMINI, "POST", "/v1beta/models/gemini-2.5-flash:countTokens", None),
+        (F.GEMINI, "POST", "/upload/v1beta/files", None),
+    ],
+)
+def test_unmetered_endpoints_are_named(family: Family, method: str, path: str, name: str | None) -> None:
+    assert adapter_for(family).unmetered(method, path) == name
 
 
 # --- model / stream / max output tokens from the request ---------------------------------------

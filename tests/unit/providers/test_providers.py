@@ -71,9 +71,11 @@ def test_every_provider_is_priced_under_an_id_genai_prices_knows() -> None:
         ("azure", "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21",
          {"messages": [], "stream": True, "max_tokens": 50}, RequestFacts("gpt4o-prod", True, 50)),
         ("azure", "/openai/deployments/emb-small/embeddings", {"input": "x"}, RequestFacts("emb-small", False, None)),
-        # A model in the body wins over the deployment name.
+        # The deployment answers, whatever the body says: the path wins (a body naming an allowed
+        # model must not get a disallowed deployment past the allow-list).
         ("azure", "/openai/deployments/prod/chat/completions", {"model": "gpt-4o"},
-         RequestFacts("gpt-4o", False, None)),
+         RequestFacts("prod", False, None)),
+        ("azure", "/openai/deployments/gpt%2D4o/chat/completions", {}, RequestFacts("gpt-4o", False, None)),
         ("azure", "/openai/v1/chat/completions", {"messages": []}, RequestFacts(None, False, None)),  # no deployment
         ("azure", "/openai/deployments/d/chat/completions", None, RequestFacts("d", False, None)),
         # The query is not part of the path: a deployment named there is not the model.

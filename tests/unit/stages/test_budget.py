@@ -21,8 +21,9 @@ from mitmproxy.test import tflow
 from spendgate.money import usd_text
 from spendgate.pricing import PriceOverride, Pricer
 from spendgate.settings import parse_settings
-from spendgate.stages.budget import REMAINING_HEADER, Budgets
+from spendgate.stages.budget import REMAINING_HEADER, Budgets, CapRules
 from spendgate.stages.call import META, Call, Outcome, new_request_id
+from spendgate.stages.estimate import Estimator
 from spendgate.stages.policy import Policy
 from spendgate.store import Database
 from spendgate.store import budgets as ledger_sql
@@ -89,7 +90,7 @@ PRICES = {"openai:gpt-4o": PriceOverride.parse({"input": 100, "output": 10000})}
 class Stage:
     """A Budgets stage on a real store and key registry, with a fake clock."""
 
-    def __init__(self, db: Database, now: datetime, default_max_output_tokens: int = 20) -> None:
+    def __init__(self, db: Database, now: datetime, default_max_output_tokens: int = 20, clamp: bool = False) -> None:
         self.db = db
         self.store = KeyStore(db)
         self.settings = parse_settings({"budgets": {"default_max_output_tokens": default_max_output_tokens}},
@@ -100,7 +101,8 @@ class Stage:
         self.clock = FakeClock(now)
         b = self.settings.budgets
         self.budgets = Budgets(self.registry.budgets_for, self.writer.reserve, LiveHolds().add, Pricer(PRICES),
-                               b.default_max_output_tokens, TTL, b.fail_closed, clock=self.clock)
+                               Estimator(b.default_max_output_tokens),
+                               CapRules(TTL, b.fail_closed, clamp_output=clamp, min_output_tokens=5), clock=self.clock)
         self.policy = Policy(self.settings.proxy.max_request_bytes)
 
     def key(self, user: str, team: str | None = None) -> Any:

@@ -13,6 +13,7 @@ from mitmproxy.test import tflow
 from spendgate.pricing import Pricer
 from spendgate.providers.wire import EndpointKind, UsageSource
 from spendgate.stages.call import Call
+from spendgate.stages.estimate import Estimator
 from spendgate.stages.meter import Meter
 from spendgate.testing import tcall, tprovider
 
@@ -42,7 +43,7 @@ def test_stream_callback_never_emits_an_empty_chunk_mid_stream() -> None:
     therefore return nothing at all, not b""."""
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     f, _ = _streamed_flow("openai", "chat", body, strip=True)
-    meter = Meter(Pricer({}))
+    meter = Meter(Pricer({}), Estimator(4096))
     meter.responseheaders(f)
     on_chunk = f.response.stream
     assert callable(on_chunk)
@@ -70,7 +71,7 @@ def test_truncated_anthropic_stream_is_estimated() -> None:
     body = {"model": "claude-sonnet-4-20250514", "max_tokens": 200, "stream": True,
             "messages": [{"role": "user", "content": "Tell me about sheep."}]}
     f, call = _streamed_flow("anthropic", "messages", body)
-    meter = Meter(Pricer({}))
+    meter = Meter(Pricer({}), Estimator(4096))
     meter.responseheaders(f)
     start = {"type": "message_start", "message": {
         "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-20250514", "content": [],

@@ -93,4 +93,4 @@ def test_a_non_model_endpoint_is_not_parsed() -> None:
     f = tflow(path="/v1/files", body=b"--boundary binary upload")
     call = tcall(f, kind=EndpointKind.OTHER)
     run(f)
-    assert f.response is None and call.body is None and call.endpoint_kind is EndpointKind.OTHER
+    assert f.response is None and call.body is None and call.endpoint_kind is EndpointKind.FILES

@@ -20,6 +20,7 @@ from spendgate.stages.record import Record, audit_row
 from spendgate.store.audit import AuditRow
 from spendgate.store.budgets import BudgetRef
 from spendgate.store.models import utcnow
+from spendgate.store.ratelimits import RateCheck, RateResult
 from spendgate.store.writer import AuditUnavailable, Finished
 from spendgate.testing import tcall, tflow, tkey, tresponse
 
@@ -34,10 +35,11 @@ class Writer:
         self.begun: list[AuditRow] = []
         self.finished: list[Finished] = []
 
-    async def begin(self, row: AuditRow) -> None:
+    async def begin(self, row: AuditRow, rate: RateCheck | None = None) -> RateResult | None:
         if self.fail:
             raise AuditUnavailable("OperationalError")
         self.begun.append(row)
+        return None if rate is None else RateResult(True)
 
     def finish(self, item: Finished) -> None:
         self.finished.append(item)

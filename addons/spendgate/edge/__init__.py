@@ -49,6 +49,7 @@ from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeader
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.utils import human
 
+from spendgate.edge import websocket
 from spendgate.stages.call import REQUEST_ID_HEADER, new_request_id
 
 log = logging.getLogger("spendgate.edge")
@@ -92,6 +93,7 @@ def install(limits: Limits, answers: Answers) -> None:
     _current = _Installed(limits, answers)
     http_layers.HttpStream = GatewayHttpStream  # type: ignore[misc]
     http_layers.Http1Server = GatewayHttp1Server  # type: ignore[attr-defined]
+    websocket.install()
 
 
 def _conf() -> _Installed:
