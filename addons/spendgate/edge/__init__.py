@@ -50,6 +50,7 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.utils import human
 
 from spendgate.edge import websocket
+from spendgate.edge.http2 import GatewayHttp2Server
 from spendgate.stages.call import REQUEST_ID_HEADER, new_request_id
 
 log = logging.getLogger("spendgate.edge")
@@ -93,6 +94,7 @@ def install(limits: Limits, answers: Answers) -> None:
     _current = _Installed(limits, answers)
     http_layers.HttpStream = GatewayHttpStream  # type: ignore[misc]
     http_layers.Http1Server = GatewayHttp1Server  # type: ignore[attr-defined]
+    http_layers.Http2Server = GatewayHttp2Server  # type: ignore[attr-defined]
     websocket.install()
 
 

@@ -21,8 +21,9 @@ def looks_like_provider_key(value: str) -> bool:
 
 
 def strip_bearer(value: str) -> str:
-    scheme, _, rest = value.partition(" ")
-    if scheme.lower() == "bearer" and rest:
+    """The token of an Authorization value; "" for a bare `Bearer` (an unset key variable)."""
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() == "bearer":
         return rest.strip()
     return value.strip()
 

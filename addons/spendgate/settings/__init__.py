@@ -41,6 +41,7 @@ class ProxySettings:
     stream_idle_timeout_seconds: float = 300.0
     header_timeout_seconds: float = 30.0
     max_header_bytes: int = 65536
+    public_url: str | None = None  # "http://HOST:PORT" developers use; None: derived from listen
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,12 @@ class PriceSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"  # debug | info | warning | error
+    format: str = "text"  # text | json (one object a line)
+
+
+@dataclass(frozen=True)
 class Settings:
     config_path: Path | None = None
     proxy: ProxySettings = field(default_factory=ProxySettings)
@@ -148,6 +155,7 @@ class Settings:
     providers: tuple[ProviderSettings, ...] = ()
     alerts: AlertSettings = field(default_factory=AlertSettings)
     prices: PriceSettings = field(default_factory=PriceSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
     def provider(self, name: str) -> ProviderSettings | None:
         for p in self.providers:
@@ -184,7 +192,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
 
 
 def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], cfg_path: Path | None = None) -> Settings:
-    val.known(raw, "", {"proxy", "database", "metrics", "audit", "budgets", "providers", "alerts", "prices"})
+    val.known(raw, "", {"proxy", "database", "metrics", "audit", "budgets", "providers", "alerts", "prices", "log"})
     P = ProxySettings()
     p = _section(raw, "proxy", P)
     proxy = ProxySettings(
@@ -202,6 +210,7 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], cfg_path: Pat
         header_timeout_seconds=val.posfloat(p.get("header_timeout_seconds", P.header_timeout_seconds),
                                          "proxy.header_timeout_seconds"),
         max_header_bytes=val.posint(p.get("max_header_bytes", P.max_header_bytes), "proxy.max_header_bytes"),
+        public_url=val.public_url(p.get("public_url"), "proxy.public_url", env),
     )
     D = DatabaseSettings()
     db = _section(raw, "database", D)
@@ -233,7 +242,19 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], cfg_path: Pat
         config_path=cfg_path, proxy=proxy, database=database, metrics=metrics, audit=audit, budgets=budgets,
         providers=_providers(val.table(raw, "providers"), env), alerts=_alerts(val.table(raw, "alerts"), env),
         prices=_prices(val.table(raw, "prices")),
+        log=_log(val.table(raw, "log")),
     )
+
+
+def _log(raw: Mapping[str, Any]) -> LogSettings:
+    val.known(raw, "log.", {"level", "format"})
+    level = raw.get("level", LogSettings.level)
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f'log.level must be "debug", "info", "warning" or "error" (got {level!r})')
+    fmt = raw.get("format", LogSettings.format)
+    if fmt not in ("text", "json"):
+        raise ConfigError(f'log.format must be "text" or "json" (got {fmt!r})')
+    return LogSettings(level, fmt)
 
 
 def _alerts(raw: Mapping[str, Any], env: Mapping[str, str]) -> AlertSettings:

@@ -150,6 +150,25 @@ def upstream(v: Any, key: str) -> Upstream:
     return Upstream(u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80))
 
 
+def public_url(v: Any, key: str, env: Mapping[str, str]) -> str | None:
+    """`[proxy] public_url`: how developers reach the proxy, as `http://HOST:PORT` (normalised)."""
+    if v is None:
+        return None
+    text = str_value(v, key, env)
+    u = urlsplit(text)
+    if u.scheme != "http" or not u.hostname:
+        raise ConfigError(f"{key} must be the proxy's address as developers reach it, e.g. "
+                          f"\"http://gateway.internal:8080\" (plain http: the proxy itself speaks HTTP; got {text!r})")
+    if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
+        raise ConfigError(f"{key}: give scheme://host:port only, without path, query or credentials (got {text!r})")
+    try:
+        port = u.port or 80
+    except ValueError:
+        raise ConfigError(f"{key}: the port is not a number 1-65535 (got {text!r})") from None
+    host = u.hostname.lower()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def database_url(url: str, cfg_path: Path | None) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         # psycopg 3 is the driver we ship; the bare scheme would pick psycopg2.

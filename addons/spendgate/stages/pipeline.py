@@ -14,12 +14,14 @@ them directly, in list order, awaiting the async ones. It also:
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import http
+from mitmproxy.utils import human
 
 from spendgate.stages.call import Call, Outcome, get_call, refuse
 
@@ -66,14 +68,19 @@ class Pipeline:
         pre = hook in PRE_HOOKS
         seconds = self.seconds
 
+        decides = hook in REQUEST_HOOKS
+
         def run(arg: Any) -> None:
             spent = 0.0
             for name, fn, _ in chain:
                 t = time.perf_counter()
+                open_ = decides and isinstance(arg, http.HTTPFlow) and arg.response is None
                 try:
                     fn(arg)
                 except Exception as e:
                     self._failed(hook, name, arg, e)
+                if open_ and arg.response is not None:
+                    log_refusal(name, arg)
                 dt = time.perf_counter() - t
                 seconds[name] += dt
                 spent += dt
@@ -85,10 +92,13 @@ class Pipeline:
         pre = hook in PRE_HOOKS
         seconds = self.seconds
 
+        decides = hook in REQUEST_HOOKS
+
         async def run(arg: Any) -> None:
             spent = 0.0
             for name, fn, is_async in chain:
                 t = time.perf_counter()
+                open_ = decides and isinstance(arg, http.HTTPFlow) and arg.response is None
                 try:
                     if is_async:
                         await fn(arg)
@@ -96,6 +106,8 @@ class Pipeline:
                         fn(arg)
                 except Exception as e:
                     self._failed(hook, name, arg, e)
+                if open_ and arg.response is not None:
+                    log_refusal(name, arg)
                 dt = time.perf_counter() - t
                 seconds[name] += dt
                 spent += dt
@@ -142,6 +154,33 @@ class Pipeline:
         else:
             arg.response = http.Response.make(500, b"Spendgate: internal error; the request was not sent.\n",
                                               {"content-type": "text/plain"})
+
+
+def log_refusal(stage: str, flow: http.HTTPFlow) -> None:
+    """Every refusal says why, at info (never a credential: no query string, no header values)."""
+    if not log.isEnabledFor(logging.INFO) or flow.response is None:
+        return
+    call = get_call(flow)
+    req, resp = flow.request, flow.response
+    path = req.path.split("?", 1)[0]
+    target = f"{req.pretty_host}:{req.port}" if req.method == "CONNECT" else f"{req.pretty_host}{path}"
+    log.info("refused %s %s %r from %s (%s): %d %s: %s", call.request_id if call else "-", req.method, target[:300],
+             human.format_address(flow.client_conn.peername), stage, resp.status_code,
+             (call.error if call else None) or "-", refusal_reason(resp)[:500])
+
+
+def refusal_reason(resp: http.Response) -> str:
+    """The message of an answer the gateway made: a provider error's `message`, or the text."""
+    content = resp.get_content(strict=False) or b""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return content.decode("utf-8", "replace").strip()
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+    return content.decode("utf-8", "replace").strip()
 
 
 def _account(arg: Any, spent: float, pre: bool) -> None:

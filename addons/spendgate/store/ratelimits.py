@@ -57,7 +57,10 @@ def take(conn: Connection, check: RateCheck) -> RateResult:
     row = conn.execute(_READ, {"k": check.key_id}).one()
     n, prev = int(row.n), int(row.prev_n)
     if n + 1 > check.rpm or prev == 0:
-        retry = math.ceil((1.0 - into) * WINDOW_SECONDS)  # this minute is full: its end
+        # This minute is full. After its end it is the previous minute, and still weighs n * weight:
+        # one more fits once n * (1 - x) + 1 <= rpm, x into the next minute.
+        later = max(0.0, 1.0 - (check.rpm - 1) / n) if n else 0.0
+        retry = math.ceil((1.0 - into + later) * WINDOW_SECONDS)
     else:
         # The previous minute's share falls off as time passes: when does prev * weight + n + 1 fit?
         need = (check.rpm - n - 1) / prev  # the weight at which one more fits

@@ -171,7 +171,9 @@ def test_every_sdk_key_slot_is_stripped() -> None:
         ("BEARER  abc ", "abc"),
         ("abc", "abc"),
         (" abc ", "abc"),
-        ("Bearer", "Bearer"),  # nothing after the scheme: the value itself (then judged as a key)
+        ("Bearer", ""),  # `Authorization: Bearer $OPENAI_API_KEY` with the variable unset: no key
+        ("Bearer ", ""),
+        (" Bearer  ", ""),
         ("Basic abc", "Basic abc"),
     ],
 )

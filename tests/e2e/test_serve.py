@@ -1,0 +1,58 @@
+"""`spendgate serve` says what it is doing (contract, Start-up) and logs every refusal's reason;
+`[log] format = "json"` gives one JSON object a line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.rig.gateway import GatewayProcess
+from tests.rig.mock_provider import MockProvider
+
+
+@pytest.fixture(scope="module")
+def json_gw(tmp_path_factory: pytest.TempPathFactory, _mock_provider_session: MockProvider) -> Iterator[GatewayProcess]:
+    g = GatewayProcess(tmp_path_factory.mktemp("e2e-serve-json"), _mock_provider_session.url, name="serve-json",
+                       overrides={"log": {"format": "json"}})
+    g.upstream_keys.pop("gemini")  # its key variable is not set: serve says so
+    g.start()
+    yield g
+    g.stop()
+
+
+def _records(gw: GatewayProcess) -> list[dict[str, object]]:
+    out = []
+    for line in gw.log_text().splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+        else:
+            assert line.startswith("=====") or not line.strip(), f"not a JSON log line: {line!r}"
+    return out
+
+
+def test_start_up_says_addresses_config_database_providers_ca_and_next_step(json_gw: GatewayProcess) -> None:
+    msgs = [str(r["msg"]) for r in _records(json_gw) if r["logger"] == "spendgate"]
+    text = "\n".join(msgs)
+    assert f"127.0.0.1:{json_gw.port}" in text and f"http://127.0.0.1:{json_gw.metrics_port}/metrics" in text
+    assert f"config: {json_gw.config_path.resolve()}" in text
+    assert f"database: sqlite:///{Path(json_gw.db_path)}" in text and "schema 0006" in text
+    assert "provider openai: key from env:OPENAI_API_KEY: present" in text
+    assert "provider gemini: key from env:GEMINI_API_KEY: MISSING" in text
+    assert f"CA certificate: {json_gw.ca_path}" in text
+    assert any(m.startswith("next: `spendgate keys create") for m in msgs)
+    for key in json_gw.upstream_keys.values():
+        assert key not in json_gw.log_text()
+
+
+def test_a_refusal_is_one_json_line_with_its_reason(json_gw: GatewayProcess) -> None:
+    with json_gw.httpx_client(None) as h:
+        r = h.get("https://api.openai.com/v1/models")
+    assert r.status_code == 401
+    rid = r.headers["x-spendgate-request-id"]
+    json_gw.wait_for_log(rid)
+    (rec,) = [r for r in _records(json_gw) if rid in str(r["msg"])]
+    assert rec["level"] == "info" and rec["logger"] == "spendgate.stages.pipeline"
+    assert "refused" in str(rec["msg"]) and "401 spendgate_no_key" in str(rec["msg"])
