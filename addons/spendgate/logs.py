@@ -46,5 +46,6 @@ def setup(level: str = "info", fmt: str = "text", stream: IO[str] | None = None)
         logger = logging.getLogger(name)
         logger.handlers = [handler]
         logger.setLevel(lvl)
-        logger.propagate = False
+        # mitmproxy's errorcheck addon watches the root logger for start-up errors (a port in use).
+        logger.propagate = name == "mitmproxy"
     return handler

@@ -7,11 +7,15 @@ unloaded by mitmproxy and traffic would pass ungoverned; here it cannot be.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
+import types
+from collections.abc import Callable
+from typing import Any
 
-from mitmproxy import options
-from mitmproxy.tools.dump import DumpMaster
+from mitmproxy import addonmanager, exceptions, hooks, master, options
+from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 
 from spendgate import logs
 from spendgate.gateway import Gateway
@@ -52,6 +56,56 @@ def startup_lines(settings: Settings, ca_path: str, schema: str | None) -> list[
     return lines
 
 
+class _Dispatch(addonmanager.AddonManager):
+    """mitmproxy's addon manager, finding each hook's handlers once instead of walking every addon
+    on every event (the addons are fixed once the gateway runs)."""
+
+    def __init__(self, m: master.Master) -> None:
+        super().__init__(m)  # type: ignore[no-untyped-call]
+        self._handlers: dict[str, list[Callable[..., Any]]] = {}
+
+    def register(self, addon: Any) -> Any:
+        self._handlers.clear()
+        return super().register(addon)  # type: ignore[no-untyped-call]
+
+    def remove(self, addon: Any) -> None:
+        self._handlers.clear()
+        super().remove(addon)  # type: ignore[no-untyped-call]
+
+    def _for(self, name: str) -> list[Callable[..., Any]]:
+        found = self._handlers.get(name)
+        if found is None:
+            found = []
+            for a in addonmanager.traverse(self.chain):  # type: ignore[no-untyped-call]
+                func = getattr(a, name, None)
+                if func is not None and callable(func) and not isinstance(func, types.ModuleType):
+                    found.append(func)
+            self._handlers[name] = found
+        return found
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        for func in self._for(event.name):
+            try:
+                with addonmanager.safecall():
+                    res = func(*event.args())
+                    if res is not None and inspect.isawaitable(res):
+                        await res
+            except exceptions.AddonHalt:
+                return
+
+
+class GatewayMaster(master.Master):
+    """mitmproxy with only the addons a gateway needs: the proxy server, its layers and TLS, and
+    start-up error checks. No flow store, dumper, playback, scripts, onboarding app or
+    per-connection log lines: each would cost every request a little."""
+
+    def __init__(self, opts: options.Options) -> None:
+        super().__init__(opts, with_termlog=False)
+        self.addons = _Dispatch(self)
+        self.addons.add(core.Core(), disable_h2c.DisableH2C(), proxyserver.Proxyserver(),  # type: ignore[no-untyped-call]
+                        next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck())
+
+
 def configure_mitmproxy(opts: options.Options, settings: Settings) -> None:
     """Options exist only once the default addons are loaded, so this runs after the master is built."""
     settings.proxy.confdir.mkdir(parents=True, exist_ok=True)
@@ -68,9 +122,14 @@ def configure_mitmproxy(opts: options.Options, settings: Settings) -> None:
 async def _run(settings: Settings) -> None:
     logs.setup(settings.log.level, settings.log.format)
     gw = Gateway(settings)
-    await asyncio.to_thread(gw.start)
+    try:
+        await asyncio.to_thread(gw.start)
+    except OSError as e:  # e.g. the metrics address is taken: say so, not a traceback
+        log.error("cannot start: %s (metrics listen %s)", e.strerror or e, settings.metrics.listen)
+        await asyncio.to_thread(gw.stop)
+        raise SystemExit(1) from None
     opts = options.Options()
-    master = DumpMaster(opts, with_termlog=False, with_dumper=False)
+    master = GatewayMaster(opts)
     configure_mitmproxy(opts, settings)
     master.addons.add(gw.pipeline())  # type: ignore[no-untyped-call]
     loop = asyncio.get_running_loop()

@@ -56,3 +56,19 @@ def test_a_refusal_is_one_json_line_with_its_reason(json_gw: GatewayProcess) -> 
     (rec,) = [r for r in _records(json_gw) if rid in str(r["msg"])]
     assert rec["level"] == "info" and rec["logger"] == "spendgate.stages.pipeline"
     assert "refused" in str(rec["msg"]) and "401 spendgate_no_key" in str(rec["msg"])
+
+
+@pytest.mark.parametrize("taken", ["proxy", "metrics"])
+def test_an_address_in_use_stops_serve_with_a_clear_error(tmp_path: Path, _mock_provider_session: MockProvider,
+                                                          taken: str) -> None:
+    import socket
+
+    g = GatewayProcess(tmp_path, _mock_provider_session.url, name=f"serve-{taken}-taken")
+    port = g.port if taken == "proxy" else g.metrics_port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        cp = g.cli("serve", check=False)
+    assert cp.returncode == 1, cp.stderr[-2000:]
+    assert f"127.0.0.1:{port}" in cp.stderr and "in use" in cp.stderr.lower(), cp.stderr[-2000:]
+    assert "Traceback" not in cp.stderr

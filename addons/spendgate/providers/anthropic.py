@@ -96,8 +96,11 @@ class AnthropicAdapter:
     def stream_format(self, content_type: str, stream: bool) -> StreamFormat | None:
         return sse_only(content_type, stream)
 
-    def unask_usage(self, event: Mapping[str, Any], raw: bytes) -> bytes:
+    def unask_usage(self, event: Mapping[str, Any] | None, raw: bytes) -> bytes:
         return raw
+
+    def text_only(self, kind: EndpointKind, name: str, data: str) -> bool:
+        return name == "content_block_delta" or data.startswith('{"type":"content_block_delta"')
 
     def usage_from_json(self, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None:
         u = body.get("usage")

@@ -9,6 +9,8 @@ the adapter. Pure: no I/O.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -80,9 +82,15 @@ class WireAdapter(Protocol):
         """How a response with this content type is framed when streamed; None: not a stream."""
         ...
 
-    def unask_usage(self, event: Mapping[str, Any], raw: bytes) -> bytes:
+    def unask_usage(self, event: Mapping[str, Any] | None, raw: bytes) -> bytes:
         """A streamed event as the client would have got it had `prepare_stream` not changed the
-        request (`raw` are its bytes); b"" drops it."""
+        request (`raw` are its bytes; `event` None: not decoded, see `text_only`); b"" drops it."""
+        ...
+
+    def text_only(self, kind: EndpointKind, name: str, data: str) -> bool:
+        """True if this streamed event (SSE `event:` name and `data`) can only carry generated
+        text: no usage, model, id or end. Such events are not decoded as they pass (most of a
+        stream), only if the stream is cut short and its output must be estimated."""
         ...
 
     def usage_from_json(self, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None: ...
@@ -240,19 +248,32 @@ def as_text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,18}")
+
+
 def as_limit(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A count a request asks for (an output limit, answers) as a provider may read it: an int, a
+    float (`64000.0`, rounded up) or a decimal string (proto3 JSON and lax validators take
+    `"64000"`); None for anything else. Reading less than the provider would is a way past a cap."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return math.ceil(value) if math.isfinite(value) else None
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        return int(value)
+    return None
 
 
 OUTPUT_LIMIT_KEYS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 
 
 def output_limit(body: Mapping[str, Any]) -> int | None:
-    """The first output limit a body sets, under any of the OpenAI / Anthropic names."""
-    for key in OUTPUT_LIMIT_KEYS:
-        if body.get(key) is not None:
-            return as_limit(body[key])
-    return None
+    """The largest output limit a body sets under any of the OpenAI / Anthropic names: a provider
+    may honour any one of them."""
+    limits = [n for key in OUTPUT_LIMIT_KEYS if (n := as_limit(body.get(key))) is not None]
+    return max(limits) if limits else None
 
 
 def bare_path(path: str) -> str:

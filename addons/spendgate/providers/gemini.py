@@ -31,6 +31,26 @@ def _bare_model(model: str | None) -> str | None:
     return model.removeprefix("models/") if model else model
 
 
+def _snake(name: str) -> str:
+    return re.sub(r"[A-Z]", lambda m: "_" + m.group(0).lower(), name)
+
+
+def _both(obj: Mapping[str, Any], name: str) -> list[Any]:
+    """A field under its JSON name and its proto name (`generationConfig`, `generation_config`):
+    Gemini's proto3 JSON parser accepts either."""
+    return [obj[n] for n in dict.fromkeys((name, _snake(name))) if obj.get(n) is not None]
+
+
+def _configs(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [c for c in _both(body, "generationConfig") if isinstance(c, dict)]
+
+
+def _asked(objs: list[Mapping[str, Any]], name: str) -> int | None:
+    """The largest value any spelling of `name` asks for."""
+    values = [n for o in objs for v in _both(o, name) if (n := as_limit(v)) is not None]
+    return max(values) if values else None
+
+
 def resource_name(path: str) -> str:
     """What a path is about: the method after ':' (models/imagen-3:predict is "predict"), else the
     collection (/v1beta/cachedContents is "cachedContents")."""
@@ -79,26 +99,34 @@ class GeminiAdapter:
     def request_facts(self, kind: EndpointKind, body: Mapping[str, Any], path: str) -> RequestFacts:
         path = bare_path(path)
         m = _MODEL_IN_PATH.search(path)
-        config = as_mapping(body.get("generationConfig"))
-        candidates = as_limit(config.get("candidateCount"))
-        budget = as_limit(as_mapping(config.get("thinkingConfig")).get("thinkingBudget"))
+        configs = _configs(body)
+        candidates = _asked(configs, "candidateCount")
+        budget = _asked([t for c in configs for t in _both(c, "thinkingConfig") if isinstance(t, dict)],
+                        "thinkingBudget")
         return RequestFacts(
             model=m.group(1) if m else _bare_model(as_text(body.get("model"))),  # the path routes: it wins
             stream=path.endswith(":streamGenerateContent"),
-            max_output_tokens=as_limit(config.get("maxOutputTokens")),
+            max_output_tokens=_asked(configs, "maxOutputTokens"),
             choices=min(max(candidates, 1), 128) if candidates is not None else 1,
             thinking_budget=max(budget, 0) if budget is not None else 0,
         )
 
     def set_output_limit(self, kind: EndpointKind, body: dict[str, Any], limit: int, field: str) -> None:
-        config = body.get("generationConfig")
-        if not isinstance(config, dict):
-            config = body["generationConfig"] = {}
-        config["maxOutputTokens"] = limit
-        thinking = config.get("thinkingConfig")
-        if isinstance(thinking, dict) and isinstance(thinking.get("thinkingBudget"), int):
-            if thinking["thinkingBudget"] > limit:
-                thinking["thinkingBudget"] = limit
+        configs = [c for c in _configs(body) if isinstance(c, dict)]
+        if not configs:
+            configs = [{}]
+            body["generationConfig"] = configs[0]
+        for config in configs:
+            names = [n for n in ("maxOutputTokens", "max_output_tokens") if n in config] or ["maxOutputTokens"]
+            for name in names:
+                config[name] = limit
+            for thinking in _both(config, "thinkingConfig"):
+                if not isinstance(thinking, dict):
+                    continue
+                for name in ("thinkingBudget", "thinking_budget"):
+                    budget = as_limit(thinking.get(name))
+                    if budget is not None and budget > limit:
+                        thinking[name] = limit
 
     def response_text(self, kind: EndpointKind, body: Mapping[str, Any]) -> str:
         state = StreamState()
@@ -133,8 +161,11 @@ class GeminiAdapter:
             return StreamFormat.JSON_ARRAY
         return sse_only(content_type, stream)
 
-    def unask_usage(self, event: Mapping[str, Any], raw: bytes) -> bytes:
+    def unask_usage(self, event: Mapping[str, Any] | None, raw: bytes) -> bytes:
         return raw
+
+    def text_only(self, kind: EndpointKind, name: str, data: str) -> bool:
+        return False  # every chunk carries usageMetadata, the last one the final counts
 
     def usage_from_json(self, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None:
         u = body.get("usageMetadata")

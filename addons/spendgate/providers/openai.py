@@ -26,6 +26,7 @@ from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Upload,
 
 __all__ = ["ADAPTER", "OpenAIAdapter", "add_include_usage", "cut_usage_null", "is_usage_only_chunk", "resource_name"]
 
+_USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
 # OpenAI adds `"usage":null` to every chunk once include_usage is set; this is that span.
 _USAGE_NULL_AFTER = re.compile(rb',\s*"usage"\s*:\s*null')
 _USAGE_NULL_BEFORE = re.compile(rb'"usage"\s*:\s*null\s*,')
@@ -111,7 +112,7 @@ class OpenAIAdapter:
             n = facts.choices
             if model.startswith(("gpt-image", "chatgpt-image")):
                 per = _image_tokens(body.get("quality"), body.get("size"))
-                image_in = sum(1 + u.size // 1024 for u in uploads if u.field.startswith("image"))
+                image_in = sum(1 + u.size // 1024 for u in uploads)  # every file part: images, a mask
                 return Usage(input_tokens=prompt_tokens + image_in, output_tokens=per * n, images=n)
             return Usage(images=n)
         if kind is EndpointKind.AUDIO:
@@ -120,8 +121,10 @@ class OpenAIAdapter:
                 chars = len(text)
                 return Usage(input_tokens=prompt_tokens, output_tokens=2 * chars, output_audio_tokens=2 * chars,
                              input_characters=chars)
+            # Every file part, whatever it is named: a provider's form parser may find the audio where the
+            # gateway's would not.
             seconds = sum(u.audio_seconds if u.audio_seconds is not None else u.size / _COMPRESSED_AUDIO_BPS
-                          for u in uploads if u.field == "file")
+                          for u in uploads)
             audio_tokens = math.ceil(seconds * _AUDIO_TOKENS_PER_SECOND)
             out = math.ceil(seconds * _TRANSCRIPT_TOKENS_PER_SECOND)
             return Usage(input_tokens=audio_tokens + prompt_tokens, input_audio_tokens=audio_tokens,
@@ -161,14 +164,25 @@ class OpenAIAdapter:
     def stream_format(self, content_type: str, stream: bool) -> StreamFormat | None:
         return sse_only(content_type, stream)
 
-    def unask_usage(self, event: Mapping[str, Any], raw: bytes) -> bytes:
+    def unask_usage(self, event: Mapping[str, Any] | None, raw: bytes) -> bytes:
         """Undo what include_usage did to one event: the usage-only chunk goes, and the
         `"usage":null` member of every other chunk is cut out."""
+        if event is None:  # a text-only chunk: it cannot be the usage chunk
+            return cut_usage_null(raw) if b'"usage"' in raw else raw
         if is_usage_only_chunk(event):
             return b""
         if "usage" in event and event["usage"] is None:
             return cut_usage_null(raw)
         return raw
+
+    def text_only(self, kind: EndpointKind, name: str, data: str) -> bool:
+        if name.endswith(".delta"):
+            return True  # Responses API: output deltas; usage comes on response.completed
+        if kind is EndpointKind.RESPONSES or name != "message" or '"x_groq"' in data:
+            return False
+        # Chat / completions chunks: only the one with a usage object matters (the model and id
+        # are on every chunk, the end is `[DONE]`).
+        return _USAGE_OBJECT.search(data) is None
 
     def usage_from_json(self, kind: EndpointKind, body: Mapping[str, Any]) -> Usage | None:
         u = body.get("usage")
@@ -263,7 +277,7 @@ def resource_name(path: str) -> str:
 
 
 def _answers(value: object) -> int:
-    n = int(value) if isinstance(value, str) and value.isdigit() and len(value) < 6 else as_limit(value)
+    n = as_limit(value)
     return min(max(n, 1), 128) if n is not None else 1
 
 

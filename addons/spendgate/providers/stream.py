@@ -9,13 +9,15 @@ import json
 import re
 from typing import Any
 
-from spendgate.providers.base import StreamFormat, StreamState, WireAdapter
+from spendgate.providers.base import OUTPUT_TEXT_LIMIT, StreamFormat, StreamState, WireAdapter
 from spendgate.providers.sse import SSEEvent, SSEParser
 from spendgate.providers.wire import EndpointKind, Usage
 
 __all__ = ["StreamTap"]
 
 _JSON_TOKENS = re.compile(rb'["\\{}\[\]]')
+_TEXT_EVENTS_LIMIT = 4 * OUTPUT_TEXT_LIMIT  # undecoded events kept for an estimate (JSON framing included)
+_TEXT_ONLY: dict[str, Any] = {}  # _observe's "kept undecoded" marker
 
 
 class StreamTap:
@@ -25,6 +27,10 @@ class StreamTap:
     asked the stream for its usage, see `WireAdapter.prepare_stream`): then each event goes out as
     the adapter's `unask_usage` says the client would have got it. Each event is forwarded as soon
     as it is complete; only an unfinished event is held back.
+
+    Only events that can carry usage, the model or the end are decoded as they pass; text-only
+    events (most of a stream, `WireAdapter.text_only`) are kept undecoded, up to a bound, and
+    decoded only if the output has to be estimated (a stream cut short).
     """
 
     def __init__(self, adapter: WireAdapter, kind: EndpointKind, fmt: StreamFormat,
@@ -39,6 +45,10 @@ class StreamTap:
         self._verbatim = False
         self._mode = fmt
         self._json = _JsonArraySplitter()
+        self._seen = False  # an event was decoded (the first always is: it names model and id)
+        self._text_events: list[str] = []  # undecoded text-only events, in order, up to _TEXT_EVENTS_LIMIT
+        self._text_events_bytes = 0
+        self._skipped_bytes = 0
 
     @property
     def completed(self) -> bool:
@@ -46,7 +56,8 @@ class StreamTap:
 
     @property
     def output_text_bytes(self) -> int:
-        return self._state.output_text_bytes
+        """Generated text seen so far, in bytes; text-only events count whole (an upper bound)."""
+        return self._state.output_text_bytes + self._skipped_bytes
 
     @property
     def usage(self) -> Usage | None:
@@ -57,8 +68,19 @@ class StreamTap:
 
     @property
     def output_text(self) -> str:
-        """Generated text seen so far, at most OUTPUT_TEXT_LIMIT bytes of it (for estimates)."""
-        return self._state.output_text
+        """Generated text seen so far, at most about OUTPUT_TEXT_LIMIT bytes of it (for estimates)."""
+        if not self._text_events:
+            return self._state.output_text
+        texts = StreamState()
+        texts.add_text(self._state.output_text)
+        for data in self._text_events:
+            try:
+                obj = json.loads(data)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(obj, dict):
+                self._adapter.observe(self.kind, obj, texts)
+        return texts.output_text
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to forward for `chunk`. `b""` means end of stream (as mitmproxy's stream
@@ -107,7 +129,7 @@ class StreamTap:
             if self._verbatim:
                 self._verbatim = False
             elif obj is not None:
-                sent = self._adapter.unask_usage(obj, raw)
+                sent = self._adapter.unask_usage(obj if obj is not _TEXT_ONLY else None, raw)
             keep = bool(sent)
             if keep:
                 out += sent
@@ -118,12 +140,20 @@ class StreamTap:
         return bytes(out)
 
     def _observe(self, event: SSEEvent) -> dict[str, Any] | None:
+        """The decoded event; `_TEXT_ONLY` for one kept undecoded; None for one that is not JSON."""
         data = event.data
         if data == "[DONE]":
             self._state.completed = True
             return None
         if not data or data[0] != "{":
             return None
+        if self._seen and self._adapter.text_only(self.kind, event.event, data):
+            self._skipped_bytes += len(data)
+            if self._text_events_bytes < _TEXT_EVENTS_LIMIT:
+                self._text_events.append(data)
+                self._text_events_bytes += len(data)
+            return _TEXT_ONLY
+        self._seen = True
         try:
             obj = json.loads(data)
         except (ValueError, RecursionError):

@@ -93,7 +93,7 @@ def test_openai_chat_stream_usage() -> None:
     assert tap.completed
     assert tap.usage == Usage(19, 10, 0, 0, 0, "gpt-4o-mini-2024-07-18", "chatcmpl-C42qMU7")
     assert tap.output_text == 'Hello "usage":null, world'
-    assert tap.output_text_bytes == len(tap.output_text.encode())
+    assert tap.output_text_bytes >= len(tap.output_text.encode())  # undecoded events count whole
 
 
 def test_openai_stream_without_usage_and_cut_off() -> None:
@@ -193,7 +193,7 @@ def test_output_text_is_bounded_but_counted() -> None:
     piece = "é" * 1000  # 2000 bytes
     stream = sse(*({"choices": [{"delta": {"content": piece}}]} for _ in range(50)))
     tap.feed(stream)
-    assert tap.output_text_bytes == 100_000
+    assert tap.output_text_bytes >= 100_000
     assert len(tap.output_text.encode()) <= OUTPUT_TEXT_LIMIT
     assert len(tap.output_text.encode()) > OUTPUT_TEXT_LIMIT - 4
 
@@ -315,3 +315,44 @@ def test_tap_survives_hostile_json() -> None:
     gem = tap_for(F.GEMINI, K.CHAT, "application/json")
     chunk = b"[{" + b'"a":[' * 50_000 + b"]" * 50_000 + b"}]"
     assert gem.feed(chunk) is chunk
+
+
+# --- only what can carry usage is decoded ---------------------------------------------------------
+
+
+class _Counting:
+    """An adapter that counts the events it is handed decoded."""
+
+    def __init__(self, family: Family) -> None:
+        self.inner = adapter_for(family)
+        self.observed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def observe(self, kind: EndpointKind, event: Any, state: Any) -> None:
+        self.observed += 1
+        self.inner.observe(kind, event, state)
+
+
+@pytest.mark.parametrize("family, kind, stream, decoded", [
+    (Family.OPENAI, EndpointKind.CHAT, sse(*({"id": "c1", "model": "m", "choices": [{"delta": {"content": "x"}}],
+                                               "usage": None} for _ in range(100)),
+                                           {"id": "c1", "model": "m", "choices": [], "usage": {
+                                               "prompt_tokens": 3, "completion_tokens": 100}}, done=True), 2),
+    (Family.ANTHROPIC, EndpointKind.MESSAGES, sse(
+        ("message_start", {"type": "message_start", "message": {"id": "msg", "model": "claude",
+                                                                 "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+        *(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                   "delta": {"type": "text_delta", "text": "x"}}) for _ in range(100)),
+        ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 100}}),
+        ("message_stop", {"type": "message_stop"})), 3),
+])
+def test_text_only_events_are_not_decoded_unless_the_output_must_be_estimated(
+        family: Family, kind: EndpointKind, stream: bytes, decoded: int) -> None:
+    adapter = _Counting(family)
+    tap = StreamTap(adapter, kind, adapter.inner.stream_format("text/event-stream", True))  # type: ignore[arg-type]
+    assert tap.feed(stream) == stream
+    assert tap.completed and tap.usage is not None and tap.usage.output_tokens == 100
+    assert adapter.observed == decoded  # the first event, and those that can carry usage or the end
+    assert tap.output_text == "x" * 100  # decoded only now, when asked
