@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 REMAINING_HEADER = "x-spendgate-budget-remaining-usd"
 LIMITED_HEADER = "x-spendgate-output-limited"
 _CLAMP_TRIES = 3  # another cap, or a concurrent request, may block the lowered estimate too
+_BOUND_SHARE = 100  # a request whose upper bound is at most 1 % of every cap it counts against is not counted
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,22 @@ class Budgets:
             return  # no cap: served whatever it costs, and recorded
         if self._refused_unmeasurable(flow, call):
             return
+        now = self.clock()
+        bound = self.estimator.bound(call)
+        amount = self._nusd(call, bound) if bound is not None else Nano(MAX_NANO)
+        if amount * _BOUND_SHARE <= min(b.cap_nusd for b in budgets):
+            # A small request against its caps: an upper bound is held without counting a token,
+            # and settlement replaces it by the actual cost. If even that does not fit, or the
+            # request is large next to a cap, it is counted exactly (and its output limit lowered).
+            result = await self._reserve(flow, call, budgets, amount, now)
+            if result is None:
+                return
+            if result.blocked is None:
+                call.hold = Hold(amount, result.refs, result.remaining_nusd)
+                self.on_hold(call.request_id)
+                return
         usage = await self.estimator.usage(call)
         amount = self._nusd(call, usage)
-        now = self.clock()
         result = await self._reserve(flow, call, budgets, amount, now)
         if result is None:
             return

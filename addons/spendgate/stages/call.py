@@ -129,6 +129,7 @@ class Call:
     upgrade: bool = False  # a WebSocket upgrade: its model calls are admitted one by one (`Sockets`)
     body: dict[str, Any] | None = None  # the JSON body, or a form's text fields
     uploads: tuple[Upload, ...] = ()  # a form's files, measured
+    body_bytes: int = 0  # the body's size once decoded (what its prompt can be at most)
     body_changed: bool = False  # a stage changed `body`: Forward re-encodes it
     output_limited: int | None = None  # the output limit the gateway lowered the request to
     request_bytes: int = 0

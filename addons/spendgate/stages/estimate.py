@@ -19,6 +19,9 @@ from spendgate.stages.call import OFF_LOOP_BYTES, Call
 
 MAX_OUTPUT_TOKENS = 10_000_000  # a negative or absurd limit must not shrink or overflow an estimate
 _NO_OUTPUT = frozenset({EndpointKind.EMBEDDINGS})
+_TEXT = frozenset({EndpointKind.CHAT, EndpointKind.RESPONSES, EndpointKind.MESSAGES, EndpointKind.COMPLETIONS,
+                   EndpointKind.EMBEDDINGS, EndpointKind.REALTIME})
+_BOUND_FRAMING = 64  # per-message framing tokens are far fewer than the JSON bytes around each message
 
 
 class Estimator:
@@ -58,6 +61,17 @@ class Estimator:
         if media is not None:
             return media
         return Usage(input_tokens=inp, output_tokens=self.output_per_choice(call) * call.choices)
+
+    def bound(self, call: Call) -> Usage | None:
+        """A cheap upper bound of `usage` for text requests, without counting: a token is at least
+        one byte, so the prompt is at most the decoded body's size in tokens. None: count instead
+        (media, whose bodies say little about what they bill)."""
+        if not call.endpoint_kind.metered or call.body is None or call.uploads:
+            return None
+        if call.endpoint_kind not in _TEXT:
+            return None
+        inp = call.body_bytes or call.request_bytes
+        return Usage(input_tokens=inp + _BOUND_FRAMING, output_tokens=self.output_per_choice(call) * call.choices)
 
     @staticmethod
     def with_output(usage: Usage, per_choice: int, choices: int) -> Usage:

@@ -12,19 +12,19 @@ from spendgate.providers.wire import EndpointKind, Upload
 from spendgate.stages.bodies import BodyError, decode, decoded_size, parse_form, parse_json_object
 from spendgate.stages.call import OFF_LOOP_BYTES, Outcome, get_call, refuse
 
-_Read = tuple[dict[str, Any] | None, list[Upload]]
+_Read = tuple[dict[str, Any] | None, list[Upload], int]
 
 
 def _read(raw: bytes, encoding: str | None, limit: int, want: str | None) -> _Read:
     """The body, decoded within `limit`: a JSON object (`want="json"`), a form's fields and files
-    (a multipart content type), else only measured. Raises BodyError."""
+    (a multipart content type), else only measured; and its decoded size. Raises BodyError."""
     if want is None:
-        decoded_size(raw, encoding, limit)
-        return None, []
+        return None, [], decoded_size(raw, encoding, limit)
+    plain = decode(raw, encoding, limit)
     if want == "json":
-        return parse_json_object(decode(raw, encoding, limit)), []
-    fields, uploads = parse_form(decode(raw, encoding, limit), want)
-    return dict(fields), uploads
+        return parse_json_object(plain), [], len(plain)
+    fields, uploads = parse_form(plain, want)
+    return dict(fields), uploads, len(plain)
 
 
 def _wanted(kind: EndpointKind, method: str, content_type: str) -> str | None:
@@ -69,18 +69,20 @@ class Policy:
         want = _wanted(kind, method, flow.request.headers.get("content-type", ""))
         body: dict[str, Any] | None
         uploads: list[Upload]
+        size: int
         try:
             if encoding is None and want is None:
-                body, uploads = None, []  # nothing to decode or parse; the edge already bounded the size
+                body, uploads, size = None, [], len(content)  # nothing to decode or parse; the edge bounded it
             elif len(content) > OFF_LOOP_BYTES:
                 # A large body (up to max_request_bytes) would stall every other request while it parses.
-                body, uploads = await asyncio.to_thread(_read, content, encoding, limit, want)
+                body, uploads, size = await asyncio.to_thread(_read, content, encoding, limit, want)
             else:
-                body, uploads = _read(content, encoding, limit, want)
+                body, uploads, size = _read(content, encoding, limit, want)
         except BodyError as e:
             refuse(flow, call, e.status, e.code, str(e), Outcome.BLOCKED_POLICY)
             return
         call.body = body
+        call.body_bytes = size
         call.uploads = tuple(uploads)
         facts = request_facts(spec, kind, body, path)
         model = facts.model

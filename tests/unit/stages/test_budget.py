@@ -233,3 +233,29 @@ def test_stage_absurd_output_limit_is_a_cap_refusal_not_a_store_failure(db: Data
     f = st.request(key, chat(max_tokens=10**15))
     assert f.response is not None
     assert (f.response.status_code, error_of(f)["code"]) == (429, "spendgate_budget_exceeded")
+
+
+def test_a_small_request_far_from_its_cap_holds_an_upper_bound_without_counting(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a $100 cap a chat bounded at ~$0.07 is held at the bound: a token is at least one
+    byte, so the prompt is at most the body's size. Near the cap it is counted exactly."""
+    st = Stage(db, utc(2026, 7, 1, 12))
+    st.store.set_budget("user", "erin", 1000 * CAP, "day", actor="test")
+    key = st.key("erin")
+    body = chat(max_tokens=6, text="hello " * 20)
+    import spendgate.stages.estimate as estimate
+
+    def no_counting(*a: Any, **kw: Any) -> int:
+        raise AssertionError("counted a prompt far from every cap")
+
+    monkeypatch.setattr(estimate, "estimate_input_tokens", no_counting)
+    f = st.request(key, body)
+    hold = f.metadata[META].hold
+    size = len(json.dumps(body).encode())
+    assert f.response is None and hold.estimate_nusd == (size + 64) * 100_000 + 6 * CENT  # $100 / $10,000 per 1M
+    monkeypatch.undo()
+    st.finish(f, 0)
+    st.store.set_budget("user", "erin", CAP, "day", actor="test")  # now the bound is no small share
+    g = st.request(key, body)
+    exact = g.metadata[META].hold.estimate_nusd
+    assert g.response is None and 6 * CENT < exact < hold.estimate_nusd
