@@ -160,7 +160,8 @@ class Pricer:
         named = next((m for m in models if m), None)
         if self._fallback is not None:
             return Priced(self._fallback.cost(usage), CostSource.FALLBACK)
-        self._warn_once(provider, named, "no price known")
+        if named is not None:  # a request without a model (a listing, an upgrade) is not worth a warning
+            self._warn_once(provider, named, "no price known")
         return Priced(None, CostSource.UNKNOWN)
 
     def source(self, provider: str, model: str | None) -> CostSource:

@@ -8,6 +8,8 @@ the gateway that uses it):
 * ``gw_allow``: ``allow_ports`` / ``allow_destinations`` naming the stand-in listeners.
 * ``gw_limits``: small body limit and short header / upstream / stream-idle timeouts.
 * ``gw_pg``: defaults on a throwaway PostgreSQL database.
+* ``gw_caps``: defaults (clamping on, unpriced models refused) plus the token and per-minute
+  prices the cap-dodging tests compute with.
 
 Every credential minted and every answer read goes into the session's :class:`SecretScan`,
 which ``test_zz_no_credential_anywhere`` scans last.
@@ -22,7 +24,7 @@ import pytest
 
 from tests.rig.attacker import Listener
 from tests.rig.echo_upstream import EchoUpstream
-from tests.rig.gateway import UPSTREAM_KEYS, GatewayProcess, free_port
+from tests.rig.gateway import UPSTREAM_KEYS, GatewayProcess, Inline, free_port
 from tests.rig.hostile import HostileClient
 from tests.rig.leaks import SecretScan
 from tests.rig.mock_provider import MockProvider
@@ -163,6 +165,23 @@ def gw_pg(tmp_path_factory: pytest.TempPathFactory, _mock_provider_session: Mock
         g = _gateway(tmp_path_factory, _mock_provider_session, scan, "sec-pg", db_url=url)
         yield g.start()
         g.stop()
+
+
+# USD per million tokens, and per minute of audio: round numbers the cap-dodging tests compute with.
+CAPS_PRICES = {"openai:gpt-4.1": Inline(input=1.0, output=40.0),
+               "openai:gpt-3.5-turbo-instruct": Inline(input=1.0, output=40.0),
+               "gemini:gemini-1.5-pro": Inline(input=1.0, output=40.0),
+               "azure:gpt-4.1": Inline(input=1.0, output=40.0), "azure:gpt-4o-mini": Inline(input=1.0, output=40.0),
+               "openai:whisper-1": Inline(input=0.0, output=0.0, per_minute=0.006)}
+
+
+@pytest.fixture(scope="session")
+def gw_caps(tmp_path_factory: pytest.TempPathFactory, _mock_provider_session: MockProvider,
+            scan: SecretScan) -> Iterator[GatewayProcess]:
+    g = _gateway(tmp_path_factory, _mock_provider_session, scan, "sec-caps",
+                 overrides={"prices": {"overrides": CAPS_PRICES}})
+    yield g.start()
+    g.stop()
 
 
 # --------------------------------------------------------------------------- keys and clients

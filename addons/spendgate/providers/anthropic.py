@@ -16,6 +16,7 @@ from spendgate.providers.base import (
     as_mapping,
     as_text,
     bare_path,
+    lowered,
     output_limit,
     sse_only,
 )
@@ -61,7 +62,7 @@ class AnthropicAdapter:
     def set_output_limit(self, kind: EndpointKind, body: dict[str, Any], limit: int, field: str) -> None:
         present = [k for k in OUTPUT_LIMIT_KEYS if body.get(k) is not None]
         for k in present or ["max_tokens"]:
-            body[k] = limit
+            body[k] = lowered(body.get(k), limit)
         thinking = body.get("thinking")
         if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int):
             # Anthropic requires budget_tokens < max_tokens; keep what is left for the answer.

@@ -28,6 +28,7 @@ __all__ = [
     "as_mapping",
     "as_text",
     "bare_path",
+    "lowered",
     "output_limit",
 ]
 
@@ -264,6 +265,12 @@ def as_limit(value: object) -> int | None:
     if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
         return int(value)
     return None
+
+
+def lowered(value: object, limit: int) -> int:
+    """An output limit lowered to `limit`: a smaller positive one the request set stays."""
+    asked = as_limit(value)
+    return asked if asked is not None and 0 < asked < limit else limit
 
 
 OUTPUT_LIMIT_KEYS = ("max_completion_tokens", "max_output_tokens", "max_tokens")

@@ -17,6 +17,7 @@ from spendgate.providers.base import (
     as_mapping,
     as_text,
     bare_path,
+    lowered,
     sse_only,
 )
 from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Upload, Usage
@@ -119,7 +120,7 @@ class GeminiAdapter:
         for config in configs:
             names = [n for n in ("maxOutputTokens", "max_output_tokens") if n in config] or ["maxOutputTokens"]
             for name in names:
-                config[name] = limit
+                config[name] = lowered(config.get(name), limit)
             for thinking in _both(config, "thinkingConfig"):
                 if not isinstance(thinking, dict):
                     continue

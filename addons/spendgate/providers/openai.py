@@ -19,17 +19,22 @@ from spendgate.providers.base import (
     as_mapping,
     as_text,
     bare_path,
+    lowered,
     output_limit,
     sse_only,
+)
+from spendgate.providers.openai_stream import (
+    add_include_usage,
+    cut_usage_null,
+    is_usage_only_chunk,
+    observe_chunk,
+    observe_responses_event,
 )
 from spendgate.providers.wire import EndpointKind, Family, RequestFacts, Upload, Usage
 
 __all__ = ["ADAPTER", "OpenAIAdapter", "add_include_usage", "cut_usage_null", "is_usage_only_chunk", "resource_name"]
 
 _USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
-# OpenAI adds `"usage":null` to every chunk once include_usage is set; this is that span.
-_USAGE_NULL_AFTER = re.compile(rb',\s*"usage"\s*:\s*null')
-_USAGE_NULL_BEFORE = re.compile(rb'"usage"\s*:\s*null\s*,')
 
 
 class OpenAIAdapter:
@@ -83,7 +88,7 @@ class OpenAIAdapter:
         field (`field` is the chat completions one, which differs by provider)."""
         present = [k for k in OUTPUT_LIMIT_KEYS if body.get(k) is not None]
         for k in present:
-            body[k] = limit
+            body[k] = lowered(body[k], limit)
         if not present:
             own = {EndpointKind.RESPONSES: "max_output_tokens", EndpointKind.CHAT: field}
             body[own.get(kind, "max_tokens")] = limit
@@ -233,9 +238,9 @@ class OpenAIAdapter:
 
     def observe(self, kind: EndpointKind, event: Mapping[str, Any], state: StreamState) -> None:
         if kind is EndpointKind.RESPONSES or str(event.get("type", "")).startswith("response."):
-            _observe_responses_event(event, state)
+            observe_responses_event(event, state)
         else:
-            _observe_chunk(event, state)
+            observe_chunk(event, state)
 
 
 ADAPTER = OpenAIAdapter()
@@ -308,100 +313,3 @@ def _walk_output(output: object, state: StreamState) -> None:
 def _response_schema(fmt: object) -> object:
     fmt = as_mapping(fmt)
     return fmt.get("json_schema") or fmt.get("schema")
-
-
-def _observe_chunk(obj: Mapping[str, Any], state: StreamState) -> None:
-    state.model = as_text(obj.get("model")) or state.model
-    state.response_id = as_text(obj.get("id")) or state.response_id
-    u = obj.get("usage")
-    if not isinstance(u, dict):
-        u = as_mapping(obj.get("x_groq")).get("usage")
-    if isinstance(u, dict):
-        state.raw_usage = u
-    choices = obj.get("choices")
-    if not isinstance(choices, list):
-        return
-    for choice in choices:
-        if not isinstance(choice, dict):
-            continue
-        state.add_text(choice.get("text"))  # completions
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            continue
-        state.add_text(delta.get("content"))
-        state.add_text(delta.get("reasoning_content"))  # DeepSeek et al.
-        state.add_text(delta.get("reasoning"))
-        state.add_text(delta.get("refusal"))
-        calls = delta.get("tool_calls")
-        if isinstance(calls, list):
-            for call in calls:
-                fn = as_mapping(call).get("function")
-                state.add_text(as_mapping(fn).get("arguments"))
-
-
-def _observe_responses_event(obj: Mapping[str, Any], state: StreamState) -> None:
-    etype = obj.get("type")
-    if not isinstance(etype, str):
-        return
-    if etype.endswith(".delta"):
-        if "audio" not in etype:
-            state.add_text(obj.get("delta"))
-        return
-    response = obj.get("response")
-    if not isinstance(response, dict):
-        return
-    state.model = as_text(response.get("model")) or state.model
-    state.response_id = as_text(response.get("id")) or state.response_id
-    u = response.get("usage")
-    if isinstance(u, dict):
-        state.raw_usage = u
-    # `incomplete` is a proper end too (e.g. max_output_tokens reached); `failed` is not.
-    if etype in ("response.completed", "response.incomplete"):
-        state.completed = True
-
-
-def add_include_usage(body: dict[str, Any]) -> bool:
-    """Ask a chat / completions stream for its usage chunk.
-
-    Returns True when the gateway, not the client, asked for it: the caller must then run the
-    response through `StreamTap(..., strip_usage_chunk=True)`. Mutates `body`.
-    """
-    if body.get("stream") is not True:
-        return False
-    options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return False
-    if not isinstance(options, dict):
-        options = {}
-        body["stream_options"] = options
-    options["include_usage"] = True
-    return True
-
-
-def is_usage_only_chunk(obj: Mapping[str, Any]) -> bool:
-    """The chunk include_usage adds, which the client did not ask for."""
-    if not isinstance(obj.get("usage"), dict):
-        return False
-    choices = obj.get("choices")
-    if choices == []:
-        return True
-    # Some OpenAI-compatible servers send one content-free choice alongside the usage.
-    return isinstance(choices, list) and all(
-        isinstance(c, dict)
-        and not c.get("delta")
-        and not c.get("text")
-        and c.get("finish_reason") is None
-        and c.get("logprobs") is None
-        for c in choices
-    )
-
-
-def cut_usage_null(raw: bytes) -> bytes:
-    """`raw` without the `"usage":null` member include_usage added to a chunk's JSON."""
-    # A `"` inside a JSON string is always escaped, so this span can only be the key itself.
-    # The top-level key follows `choices`, so the last match is the one OpenAI added.
-    matches = list(_USAGE_NULL_AFTER.finditer(raw)) or list(_USAGE_NULL_BEFORE.finditer(raw))
-    if not matches:
-        return raw
-    m = matches[-1]
-    return raw[: m.start()] + raw[m.end() :]

@@ -61,6 +61,7 @@ class ClientStep:
 class ServerStep:
     response_id: str | None = None  # the provider named the pending call's response
     output: bool = False  # generated output is flowing (time to first token)
+    text: str | None = None  # generated text in this message (to estimate a call cut short)
     done: dict[str, Any] | None = None  # the call ended: a JSON body with its usage, as the HTTP API answers
     status: int = 200  # of `done`: >= 400 for a failed call
     error: str | None = None
@@ -82,6 +83,15 @@ class SocketProtocol:
 
     def from_server(self, event: dict[str, Any]) -> ServerStep:
         raise NotImplementedError
+
+    def unsolicited(self) -> ModelCall | None:
+        """The call a response the provider started by itself makes (voice activity detection),
+        None where every response follows a client message."""
+        return None
+
+    def cancel(self, response_id: str | None) -> bytes | None:
+        """A client event that stops a response the server started; None: there is none (close instead)."""
+        return None
 
     def error_event(self, status: int, code: str, message: str, client_event_id: str | None = None) -> bytes | None:
         """A provider-shaped error event for the client; None: this protocol has none (close instead)."""
@@ -122,7 +132,7 @@ class ResponsesSocket(SocketProtocol):
         if etype == "response.created":
             return ServerStep(response_id=as_text(response.get("id")))
         if etype.endswith(".delta"):
-            return ServerStep(output=True)
+            return ServerStep(output=True, text=None if "audio" in etype else as_text(event.get("delta")))
         if etype in ("response.completed", "response.incomplete"):
             return ServerStep(response_id=as_text(response.get("id")), done=dict(response))
         if etype == "response.failed":
@@ -174,6 +184,12 @@ class RealtimeSocket(SocketProtocol):
     def model_changed(self, model: str) -> None:
         self.model = model
 
+    def unsolicited(self) -> ModelCall | None:
+        return _running(self._call({"type": "response.create"}))
+
+    def cancel(self, response_id: str | None) -> bytes | None:
+        return json.dumps({"type": "response.cancel", **({"response_id": response_id} if response_id else {})}).encode()
+
     def _remember(self, item: object) -> None:
         self.items.append(item)
         del self.items[:-_CONTEXT_LIMIT]
@@ -208,7 +224,9 @@ class RealtimeSocket(SocketProtocol):
         if etype == "response.created":
             return ServerStep(response_id=as_text(response.get("id")))
         if etype.endswith(".delta"):
-            return ServerStep(output=True)
+            # Text, or the transcript of spoken output; audio itself is not counted.
+            return ServerStep(output=True, text=as_text(event.get("delta")) if etype != "response.audio.delta"
+                              and etype != "response.output_audio.delta" else None)
         if etype in ("conversation.item.added", "conversation.item.created", "conversation.item.done"):
             item = as_mapping(event.get("item"))
             if item.get("role") == "assistant" and etype != "conversation.item.added":
@@ -282,11 +300,16 @@ class LiveSocket(SocketProtocol):
     def model_changed(self, model: str) -> None:
         self.model = model
 
+    def unsolicited(self) -> ModelCall | None:
+        return _running(self._call())  # automatic activity detection ended a spoken turn
+
     def _call(self) -> ModelCall:
         body: dict[str, Any] = {"model": self.model, "contents": list(self.turns), "generationConfig": self.config}
         if self.system is not None:
             body["systemInstruction"] = self.system
-        return ModelCall(self.endpoint_kind, self.model, body, as_limit(self.config.get("maxOutputTokens")))
+        limits = [n for k in ("maxOutputTokens", "max_output_tokens")
+                  if (n := as_limit(self.config.get(k))) is not None]
+        return ModelCall(self.endpoint_kind, self.model, body, max(limits) if limits else None)
 
     def from_server(self, event: dict[str, Any]) -> ServerStep:
         if isinstance(event.get("usageMetadata"), dict):
@@ -299,11 +322,25 @@ class LiveSocket(SocketProtocol):
         if content.get("turnComplete"):
             usage, self.usage = self.usage, None
             return ServerStep(done={"usageMetadata": usage, "modelVersion": self.model} if usage else {},
-                              output=bool(turn))
-        return ServerStep(output=bool(turn))
+                              output=bool(turn), text=_parts_text(turn))
+        return ServerStep(output=bool(turn), text=_parts_text(turn))
 
     def error_event(self, status: int, code: str, message: str, client_event_id: str | None = None) -> bytes | None:
         return None  # Gemini Live has no error event: the socket is closed with the reason
+
+
+def _running(call: ModelCall) -> ModelCall:
+    """A call already running upstream: what can be held for it is its prompt (its output limit can
+    no longer be lowered); it is refused, and stopped, only when not even that fits."""
+    body = {**call.body, "max_output_tokens": 0}
+    if isinstance(body.get("generationConfig"), dict):
+        body["generationConfig"] = {**body["generationConfig"], "maxOutputTokens": 0}
+    return ModelCall(call.kind, call.model, body, 0, None, call.client_event_id)
+
+
+def _parts_text(turn: Any) -> str | None:
+    texts = [p["text"] for p in turn.get("parts") or () if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return "".join(texts) or None
 
 
 _LIVE = re.compile(r"\.BidiGenerateContent(?:Constrained)?$")

@@ -12,6 +12,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import brotli  # type: ignore[import-untyped]
 from backports import zstd
@@ -198,57 +199,87 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 # -- multipart/form-data (audio to transcribe, images to edit) ------------------------------------
 
 _FIELD_LIMIT = 64 * 1024  # a form's text field longer than this is not one the gateway reads
-_BOUNDARY = re.compile(r'boundary="?([^";,\s]+)"?', re.I)
-_NAME = re.compile(r'(?:^|;)\s*name="([^"]*)"', re.I)
-_FILENAME = re.compile(r'filename="([^"]*)"', re.I)
+# Parameters as lenient parsers read them (quoted or not, RFC 2231 `name*=`): the provider's parser
+# must never find a part, a file or a boundary the gateway did not.
+_BOUNDARY = re.compile(r'(?:^|;)\s*boundary\s*=\s*(?:"([^"]*)"|([^";,\s]+))', re.I)
+_NAME = re.compile(r"""(?:^|;)\s*name(\*?)\s*=\s*(?:"([^"]*)"|([^";\s]*))""", re.I)
+_FILENAME = re.compile(r"""(?:^|;)\s*filename(\*?)\s*=\s*(?:"([^"]*)"|([^";\s]*))""", re.I)
+# Fields the gateway reads (model, answers asked for, image size): twice, a provider may read the other one.
+_ONE_VALUE = frozenset({"model", "n", "quality", "size", "stream"})
+_PCM_FORMATS = frozenset({1, 3, 6, 7})  # PCM, IEEE float, A-law, mu-law: bytes a second fixed by the header
+_WAVE_EXTENSIBLE = 0xFFFE
+
+
+def _param(pattern: re.Pattern[str], disposition: str) -> str | None:
+    m = pattern.search(disposition)
+    if m is None:
+        return None
+    value = m.group(2) if m.group(2) is not None else m.group(3)
+    if m.group(1):  # RFC 2231: charset'language'percent-encoded
+        value = unquote(value.split("'", 2)[-1])
+    return value
 
 
 def parse_form(raw: bytes, content_type: str) -> tuple[dict[str, str], list[Upload]]:
     """The text fields of a multipart form and a measure of its files (size, and an audio file's
-    duration where its header says). Raises BodyError on a form without a boundary."""
-    m = _BOUNDARY.search(content_type)
-    if m is None:
-        raise BodyError(400, "spendgate_invalid_body", "A multipart/form-data body needs a boundary.")
-    sep = b"--" + m.group(1).encode("latin-1", "replace")
+    duration where its header says). Raises BodyError on a form without exactly one boundary.
+
+    Fail closed: every part that is not a short text field counts as an upload, whatever it is
+    named, and parts are delimited only where RFC 2046 delimits them (CRLF, then the boundary)."""
+    found = _BOUNDARY.findall(content_type)
+    if len(found) != 1 or not (found[0][0] or found[0][1]):
+        raise BodyError(400, "spendgate_invalid_body", "A multipart/form-data body needs exactly one boundary.")
+    boundary = (found[0][0] or found[0][1]).encode("latin-1", "replace")
     fields: dict[str, str] = {}
     uploads: list[Upload] = []
-    for part in raw.split(sep)[1:]:
+    for part in (b"\r\n" + raw).split(b"\r\n--" + boundary)[1:]:
         if part.startswith(b"--"):
             break
-        head, _, data = part.partition(b"\r\n\r\n")
-        if data.endswith(b"\r\n"):
-            data = data[:-2]
+        head, sep, data = part.partition(b"\r\n\r\n")
+        if not sep:
+            head, data = b"", part
         headers: dict[str, str] = {}
         for line in head.decode("utf-8", "replace").split("\r\n"):
             if ":" in line:
                 k, v = line.split(":", 1)
                 headers[k.strip().lower()] = v.strip()
         disposition = headers.get("content-disposition", "")
-        name = _NAME.search(disposition)
-        if name is None:
-            continue
-        filename = _FILENAME.search(disposition)
-        if filename is not None or headers.get("content-type", "text/plain").split(";")[0] not in ("text/plain", ""):
-            uploads.append(Upload(name.group(1), filename.group(1) if filename else None, headers.get("content-type"),
-                                  len(data), wav_seconds(data)))
-        elif len(data) <= _FIELD_LIMIT:
-            fields[name.group(1)] = data.decode("utf-8", "replace")
+        name, filename = _param(_NAME, disposition), _param(_FILENAME, disposition)
+        text = headers.get("content-type", "text/plain").split(";")[0].strip().lower() in ("text/plain", "")
+        if name is not None and filename is None and text and len(data) <= _FIELD_LIMIT:
+            if name in fields and name in _ONE_VALUE:
+                raise BodyError(400, "spendgate_invalid_body", f"The form names its {name!r} field twice.")
+            fields[name] = data.decode("utf-8", "replace")
+        else:
+            uploads.append(Upload(name or "", filename, headers.get("content-type"), len(data), wav_seconds(data)))
     return fields, uploads
 
 
 def wav_seconds(data: bytes) -> float | None:
-    """A WAV file's duration from its header; None for anything else."""
+    """How long a WAV file plays at most, from its header; None for anything else.
+
+    A decoder plays PCM at its sample rate whatever the header's byte rate says, and reads on past
+    a data chunk's declared end (a second data chunk, a size the header got wrong): every byte
+    from the first data chunk on counts, at the slowest rate the header allows."""
     if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return None
-    pos, byte_rate = 12, 0
+    pos, rate = 12, 0
     while pos + 8 <= len(data):
         chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
         if chunk == b"fmt " and size >= 16:
-            byte_rate = int.from_bytes(data[pos + 16:pos + 20], "little")
+            f = data[pos + 8:pos + 8 + min(size, 40)]
+            fmt, channels = int.from_bytes(f[0:2], "little"), int.from_bytes(f[2:4], "little")
+            sample_rate, byte_rate = int.from_bytes(f[4:8], "little"), int.from_bytes(f[8:12], "little")
+            block_align, bits = int.from_bytes(f[12:14], "little"), int.from_bytes(f[14:16], "little")
+            if fmt == _WAVE_EXTENSIBLE and len(f) >= 26:
+                fmt = int.from_bytes(f[24:26], "little")  # the sub-format GUID's first two bytes
+            if fmt not in _PCM_FORMATS:
+                return None  # compressed: only its frames say how long it plays
+            rates = [r for r in (byte_rate, sample_rate * block_align, sample_rate * channels * bits // 8) if r > 0]
+            rate = min(rates) if rates else 0
         elif chunk == b"data":
-            if byte_rate <= 0:
+            if rate <= 0:
                 return None
-            size = min(size, len(data) - pos - 8)  # a streaming WAV says 0xFFFFFFFF
-            return size / byte_rate
+            return (len(data) - pos - 8) / rate  # a streaming WAV's size says 0xFFFFFFFF
         pos += 8 + size + (size & 1)
     return None

@@ -84,6 +84,15 @@ class Budgets:
         if self._refused_unmeasurable(flow, call):
             return
         now = self.clock()
+        if not call.endpoint_kind.metered or call.upgrade:
+            # Nothing to price (a listing, a file, a WebSocket upgrade): only whether a cap is reached.
+            result = await self._reserve(flow, call, budgets, Nano(0), now)
+            if result is not None and result.blocked is not None:
+                self._refuse_cap(flow, call, result.blocked, Nano(0), now)
+            elif result is not None:
+                call.hold = Hold(Nano(0), result.refs, result.remaining_nusd)
+                self.on_hold(call.request_id)
+            return
         bound = self.estimator.bound(call)
         amount = self._nusd(call, bound) if bound is not None else Nano(MAX_NANO)
         if amount * _BOUND_SHARE <= min(b.cap_nusd for b in budgets):

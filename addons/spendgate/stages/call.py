@@ -91,6 +91,8 @@ class Metering:
     cost: Decimal | None = None
     cost_source: CostSource | None = None
     response_bytes: int = 0
+    streamed_text: list[str] = field(default_factory=list)  # a WebSocket call's text (no tap), bounded
+    streamed_bytes: int = 0
 
 
 @dataclass(slots=True)

@@ -127,7 +127,7 @@ class Meter:
         if kind not in _TEXT_KINDS:
             asked = await self.estimator.usage(call)
             return self._with_media(call, partial, asked) if partial is not None else asked
-        answer = tap.output_text if tap is not None else (text or "")
+        answer = tap.output_text if tap is not None else (text or "".join(call.metering.streamed_text))
 
         def count() -> tuple[int, int]:
             inp = partial.input_tokens if partial and partial.input_tokens else (

@@ -3,7 +3,8 @@
 `Routing` fixes the provider and destination of a model-host request from the CONNECT target
 (or, without a CONNECT, from the URL's authority) and refuses a request whose Host,
 `:authority` or TLS SNI names anything else (421), a model host over plain HTTP (403), a CONNECT
-to a model host on another port than 443, and methods no provider uses (405).
+to a model host on another port than 443, methods no provider uses (405), and paths with `.` / `..`
+segments, which an upstream would resolve to another model than the one the path names (400).
 `Destinations` decides where tunnels and plain-HTTP requests to other hosts may connect, on the
 address actually connected to. The rules themselves live in `spendgate.access`.
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import socket
 import weakref
 from collections.abc import Callable
 from typing import Iterable
+from urllib.parse import unquote
 
 from mitmproxy import connection, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
@@ -133,6 +136,24 @@ class Routing:
             refuse(flow, call, 405, "spendgate_method_not_allowed",
                    f"Method {req.method[:20]!r} is not used by {provider.name}'s API.", Outcome.BLOCKED_POLICY,
                    headers={"allow": ", ".join(sorted(ALLOWED_METHODS))})
+        elif dot_segments(req.path):
+            # The gateway reads the model from the path (Azure deployments, Gemini): an upstream that
+            # resolves `..` would answer for another model than the one checked and priced.
+            refuse(flow, call, 400, "spendgate_invalid_path",
+                   "The request path has '.' or '..' segments; send it resolved.", Outcome.BLOCKED_POLICY)
+
+
+def dot_segments(path: str) -> bool:
+    """`path` has `.` / `..` segments (RFC 3986 5.2.4), however encoded or separated (`%2E`, `%2F`, `\\`)."""
+    bare = path.split("?", 1)[0]
+    for _ in range(3):  # double encoding too
+        if any(seg in (".", "..") for seg in re.split(r"[/\\]", bare)):
+            return True
+        decoded = unquote(bare)
+        if decoded == bare:
+            return False
+        bare = decoded
+    return True  # encoded more deeply than any client encodes a path
 
 
 def _first_named_provider(provider_for: ProviderFor,

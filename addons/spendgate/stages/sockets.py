@@ -24,11 +24,14 @@ from typing import Any, Protocol
 
 from mitmproxy import flow as mflow
 from mitmproxy import http
+from mitmproxy.proxy.layers.websocket import WebSocketMessageInjected
 from mitmproxy.websocket import WebSocketMessage
+from wsproto.frame_protocol import Opcode
 
 from spendgate.edge.websocket import SocketClose, SocketSend, to_client
 from spendgate.keys import KeyRecord
 from spendgate.providers.sockets import ClientStep, ModelCall, ServerStep, SocketProtocol, protocol_for
+from spendgate.stages.bodies import BodyError, parse_json_object
 from spendgate.stages.call import META, Call, Outcome, get_call, new_request_id, refuse
 from spendgate.store.models import utcnow
 
@@ -114,9 +117,16 @@ class Sockets:
         sock = self._open.pop(flow.id, None)
         if sock is None:
             return
+        by_client = bool(flow.websocket and flow.websocket.closed_by_client)
         while sock.pending:
             p = sock.pending.popleft()
-            p.flow.error = mflow.Error("the WebSocket closed before the response completed")
+            # A call cut short is charged for what it used: its prompt, and the text it streamed.
+            if by_client:
+                p.flow.error = mflow.Error("client disconnected before the response completed")
+            else:
+                p.flow.error = mflow.Error("the WebSocket closed before the response completed")
+                if p.call.timing.first_chunk is not None:  # the model answered: estimate what it used
+                    p.flow.response = http.Response.make(200, b"", {"content-type": "text/plain"})
             await self._end(p.flow)
 
     # -- messages ---------------------------------------------------------------
@@ -124,14 +134,28 @@ class Sockets:
     async def websocket_message(self, flow: http.HTTPFlow) -> None:
         sock = self._open.get(flow.id)
         assert flow.websocket is not None
-        if sock is None or sock.closing:
+        if sock is None:
             return
         message = flow.websocket.messages[-1]
         if message.injected:
             return
-        event = _json(message)
+        if sock.closing and message.from_client:
+            # The close is on its way, behind messages that arrived with this one: none of them goes upstream
+            # unchecked. (The provider's messages are still read: a completion settles its call.)
+            message.drop()  # type: ignore[no-untyped-call]
+            return
+        if message.from_client:
+            event, why = _client_json(message)
+        else:
+            event, why = _json(message), ""
         if event is None:
-            return  # not JSON: the provider refuses it; nothing is generated
+            if message.from_client:
+                # Every client message of these protocols is a JSON object. One the gateway cannot read
+                # is not sent: a provider's parser may read a model call in it (after a byte-order mark,
+                # before trailing data, under a repeated key) that the gateway did not check.
+                message.drop()  # type: ignore[no-untyped-call]
+                self._say(sock, 400, "spendgate_invalid_json", why, None, close=not sock.protocol.error_events)
+            return
         try:
             if message.from_client:
                 await self._from_client(sock, message, event)
@@ -169,8 +193,11 @@ class Sockets:
             message.content = step.call.limit(limited)
         sock.pending.append(pending)
 
-    async def _admit(self, sock: _Socket, mc: ModelCall, key: KeyRecord | None, size: int) -> _Pending | None:
-        """The call, admitted by the HTTP stages; None (and an error event said) when one refused it."""
+    async def _admit(self, sock: _Socket, mc: ModelCall, key: KeyRecord | None, size: int,
+                     cancel: tuple[bytes | None, str | None] | None = None) -> _Pending | None:
+        """The call, admitted by the HTTP stages; None (and an error event said) when one refused it.
+        `cancel`: the call is already running upstream; a refusal stops it with this message
+        (None: by closing the socket)."""
         up = sock.upgrade
         call = Call(new_request_id(), up.provider, up.host, client_addr=up.client_addr, user_agent=up.user_agent,
                     key=key, byok_key=up.byok_key, endpoint_kind=mc.kind, model_requested=mc.model, stream=True,
@@ -193,20 +220,34 @@ class Sockets:
         if sub.response is None:
             return _Pending(sub, call, client_event_id=mc.client_event_id)
         status, code = call.status_code or 403, call.error or "spendgate_refused"
+        if cancel is not None and cancel[0] is not None:
+            self.inject(WebSocketMessageInjected(sock.flow, WebSocketMessage(Opcode.TEXT, True, cancel[0])))
         self._say(sock, status, code, _message_of(sub.response), mc.client_event_id,
-                  close=call.outcome is Outcome.BLOCKED_CAP or not sock.protocol.error_events)
+                  close=call.outcome is Outcome.BLOCKED_CAP or not sock.protocol.error_events
+                  or (cancel is not None and cancel[0] is None))
         await self._end(sub)
         return None
 
     async def _from_server(self, sock: _Socket, event: dict[str, Any]) -> None:
         step: ServerStep = sock.protocol.from_server(event)
+        started = False  # a response the provider started by itself (voice activity detection)
         if step.response_id is not None:
             for p in sock.pending:
                 if p.response_id is None or p.response_id == step.response_id:
                     p.response_id = step.response_id
                     break
-        if step.output and sock.pending and sock.pending[0].call.timing.first_chunk is None:
-            sock.pending[0].call.timing.first_chunk = time.perf_counter()
+            else:
+                started = step.done is None
+        elif step.output and not sock.pending:
+            started = True
+        if started:
+            await self._started_by_server(sock, step.response_id)
+        if sock.pending:
+            head = sock.pending[0].call
+            if step.output and head.timing.first_chunk is None:
+                head.timing.first_chunk = time.perf_counter()
+            if step.text:
+                _keep_text(head, step.text)
         if step.done is None or not sock.pending:
             return
         p = self._match(sock, step)
@@ -216,6 +257,22 @@ class Sockets:
         if step.error:
             p.call.error = step.error
         await self._end(p.flow)
+
+    async def _started_by_server(self, sock: _Socket, response_id: str | None) -> None:
+        """Admit a response nobody asked for over the socket (server voice activity detection): it is
+        held, audited and settled like any call. Refused, it is cancelled where the protocol can
+        (Realtime `response.cancel`), else the socket is closed."""
+        mc = sock.protocol.unsolicited()
+        if mc is None:
+            return
+        key = self.keys.get(sock.upgrade.key.key_id) if sock.upgrade.key is not None else None
+        if sock.upgrade.key is not None and (key is None or _invalid(key)):
+            self._close_for_key(sock, key)
+            return
+        pending = await self._admit(sock, mc, key, 0, cancel=(sock.protocol.cancel(response_id), response_id))
+        if pending is not None:
+            pending.response_id = response_id
+            sock.pending.append(pending)
 
     @staticmethod
     def _match(sock: _Socket, step: ServerStep) -> _Pending:
@@ -265,6 +322,17 @@ class Sockets:
                     self._close_for_key(sock, key)
 
 
+_TEXT_LIMIT = 64 * 1024
+
+
+def _keep_text(call: Call, text: str) -> None:
+    """Streamed text of a call, bounded: what an estimate counts if the call is cut short."""
+    m = call.metering
+    if m.streamed_bytes < _TEXT_LIMIT:
+        m.streamed_text.append(text[:_TEXT_LIMIT])
+    m.streamed_bytes += len(text)
+
+
 def _invalid(key: KeyRecord) -> bool:
     return key.state == "revoked" or (key.expires_at is not None and key.expires_at <= utcnow())
 
@@ -279,6 +347,14 @@ def _json(message: WebSocketMessage) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return event if isinstance(event, dict) else None
+
+
+def _client_json(message: WebSocketMessage) -> tuple[dict[str, Any] | None, str]:
+    """A client message read as strictly as a request body (`parse_json_object`), or why it is not one."""
+    try:
+        return parse_json_object(message.content), ""
+    except BodyError as e:
+        return None, str(e).replace("request body", "message").replace("to the provider", "upstream")
 
 
 def _message_of(response: http.Response) -> str:

@@ -1,7 +1,7 @@
 """spendgate.alerts.evaluator: which alerts to send and when, with its once-only marks in real stores
 (SQLite, and PostgreSQL when reachable) and an injected clock: thresholds, cap blocks and their
-summaries, shadow traffic, store failures, spend spikes and retries of failed deliveries, each sent
-once across instances and restarts."""
+summaries, shadow traffic, unpriced models, store failures, spend spikes and retries of failed
+deliveries, each sent once across instances and restarts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spendgate.alerts.evaluator import AlertEvaluator
+from spendgate.alerts.evaluator import MAX_UNPRICED_A_DAY, AlertEvaluator
 from spendgate.periods import period_end
 from spendgate.store import Database
 from spendgate.store.budgets import Blocked, BudgetLedger
@@ -294,3 +294,68 @@ def test_failed_delivery_is_retried_by_one_instance_with_backoff(st: Stores) -> 
     assert len(a.tick(later + timedelta(minutes=5))) == 1
     st.marks.mark(alert.dedupe_key, "failed", "again")
     assert a.tick(later + timedelta(minutes=10)) == []  # gave up after 3 attempts
+
+
+# ----------------------------------------------------------------------------- unpriced models
+
+
+def test_an_unpriced_model_alerts_once_a_day_across_instances_and_later_requests_are_counted(st: Stores) -> None:
+    a, sent_a = evaluator(st)
+    b, sent_b = evaluator(st)
+    for _ in range(3):
+        a.observe_unpriced("openai", "gpt-9-omega")
+    a.tick(NOW)
+    assert [x.dedupe_key for x in sent_a] == ["unpriced_model:openai:gpt-9-omega:2026-11-25"]
+    text = sent_a[0].text
+    assert "gpt-9-omega" in text and "Requests so far today: 3" in text
+    assert '"openai:gpt-9-omega" = { input = ..., output = ... }' in text and "[prices.overrides]" in text
+    for _ in range(2):
+        b.observe_unpriced("openai", "gpt-9-omega")  # another instance, same day: counted on the mark, not re-sent
+        a.observe_unpriced("openai", "gpt-9-omega")
+    b.tick(NOW + timedelta(minutes=1))
+    a.tick(NOW + timedelta(minutes=2))
+    assert len(sent_a) == 1 and sent_b == []
+    row = st.mark("unpriced_model:openai:gpt-9-omega:2026-11-25")
+    assert row is not None and row.count == 7
+    # The next day re-arms it.
+    tomorrow = NOW + timedelta(days=1)
+    b.observe_unpriced("openai", "gpt-9-omega")
+    b.tick(tomorrow)
+    assert [x.dedupe_key for x in sent_b] == ["unpriced_model:openai:gpt-9-omega:2026-11-26"]
+
+
+def test_unpriced_models_are_alerted_per_provider_and_model(sqlite_st: Stores) -> None:
+    ev, sent = evaluator(sqlite_st)
+    for provider, model in (("openai", "m1"), ("openai", "m2"), ("azure", "m1"), ("openai", "m1")):
+        ev.observe_unpriced(provider, model)
+    ev.tick(NOW)
+    assert sorted(x.dedupe_key for x in sent) == ["unpriced_model:azure:m1:2026-11-25",
+                                                  "unpriced_model:openai:m1:2026-11-25",
+                                                  "unpriced_model:openai:m2:2026-11-25"]
+
+
+def test_made_up_model_names_are_a_bounded_number_of_alerts_a_day(sqlite_st: Stores) -> None:
+    """Model names come from clients: a thousand invented ones are not a thousand Slack messages."""
+    ev, sent = evaluator(sqlite_st)
+    for i in range(1000):
+        ev.observe_unpriced("openai", f"made-up-{i}")
+    ev.tick(NOW)
+    ev.observe_unpriced("openai", "made-up-0")  # already alerted today: counted
+    ev.observe_unpriced("openai", "one-more")  # past the bound: not alerted today
+    ev.tick(NOW + timedelta(minutes=1))
+    assert len(sent) == MAX_UNPRICED_A_DAY
+    counted = sqlite_st.mark("unpriced_model:openai:made-up-0:2026-11-25")
+    assert counted is not None and counted.count == 2
+    tomorrow = NOW + timedelta(days=1)
+    ev.observe_unpriced("openai", "one-more")
+    ev.tick(tomorrow)
+    assert sent[-1].dedupe_key == "unpriced_model:openai:one-more:2026-11-26"
+
+
+def test_a_long_model_name_is_cut_in_the_alert(sqlite_st: Stores) -> None:
+    ev, sent = evaluator(sqlite_st)
+    ev.observe_unpriced("openai", "x" * 5000)
+    ev.tick(NOW)
+    (alert,) = sent
+    assert alert.dedupe_key == f"unpriced_model:openai:{'x' * 100}:2026-11-25"
+    assert sqlite_st.mark(alert.dedupe_key) is not None

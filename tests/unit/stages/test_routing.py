@@ -95,6 +95,28 @@ def test_methods_no_provider_uses_are_405() -> None:
     assert f.response is not None and "POST" in f.response.headers["allow"]
 
 
+@pytest.mark.parametrize(("path", "refused"), [
+    ("/openai/deployments/gpt-4o-mini/../gpt-4.1/chat/completions", True),
+    ("/openai/deployments/gpt-4o-mini/%2E%2E/gpt-4.1/chat/completions", True),
+    ("/openai/deployments/gpt-4o-mini%2F..%2Fgpt-4.1/chat/completions", True),
+    ("/openai/deployments/gpt-4o-mini%5C..%5Cgpt-4.1/chat/completions", True),  # IIS reads \ as /
+    ("/v1beta/models/gemini-2.0-flash:generateContent/%252e%252e/gemini-2.5-pro:generateContent", True),
+    ("/v1/./chat/completions", True),
+    ("/v1/chat/completions?next=/../x", False),  # the query is not the path
+    ("/v1/files/file-..abc/content", False),
+    ("/v1/models/...", False),
+])
+def test_a_path_an_upstream_would_resolve_elsewhere_is_400(path: str, refused: bool) -> None:
+    """The model is read from the path (Azure deployments, Gemini): `..` must not move it at the upstream."""
+    routing = Routing(ROUTES.provider_for, connect_targets())
+    f = tflow(path=path)
+    routing.requestheaders(f)
+    if refused:
+        assert code(f) == (400, "spendgate_invalid_path")
+    else:
+        assert f.response is None
+
+
 def test_other_hosts_are_not_routing_s_business() -> None:
     routing = Routing(ROUTES.provider_for, connect_targets())
     f = tflow("example.com")
