@@ -19,15 +19,16 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from spendgate.alerts import messages as render
 from spendgate.alerts.backstop import Backstop
-from spendgate.alerts.messages import Alert, DedupeKey, alert_from_row
+from spendgate.alerts.dedupe import DedupeKey, resets_at
+from spendgate.alerts.events import CapEvent, Event, ShadowEvent, UnpricedEvent
+from spendgate.alerts.messages import Alert, alert_from_row
 from spendgate.alerts.slack import SlackSender
-from spendgate.money import dollars, to_nano
+from spendgate.alerts.spikes import find_spikes
 from spendgate.periods import period_start
 from spendgate.settings import Settings
 from spendgate.store.alerts import AlertMarks
@@ -45,32 +46,6 @@ RETRY_BACKOFF = timedelta(seconds=60)
 STALE_SENDING = timedelta(minutes=10)
 MAX_EVENTS = 10_000
 MAX_UNPRICED_A_DAY = 50  # distinct unpriced models alerted per instance per day
-
-
-@dataclass(frozen=True)
-class _CapEvent:
-    cap: Blocked
-    user: str | None
-    team: str | None
-    provider: str
-
-
-@dataclass(frozen=True)
-class _ShadowEvent:
-    user: str | None
-    team: str | None
-    provider: str
-    passthrough: bool
-    at: datetime
-
-
-@dataclass(frozen=True)
-class _UnpricedEvent:
-    provider: str
-    model: str
-
-
-_Event = _CapEvent | _ShadowEvent | _UnpricedEvent
 
 
 def instance_name() -> str:
@@ -113,7 +88,7 @@ class AlertEvaluator:
         self.instance = instance or instance_name()
         self.sender: SlackSender | None = None
         self.backstop: Backstop | None = None
-        self._events: collections.deque[_Event] = collections.deque(maxlen=MAX_EVENTS)
+        self._events: collections.deque[Event] = collections.deque(maxlen=MAX_EVENTS)
         self._known: set[str] = set()  # dedupe keys already claimed (by anyone): no INSERT per tick
         self._store_error: str | None = None
         self._store_alerted = False
@@ -128,16 +103,16 @@ class AlertEvaluator:
 
     def observe_cap_block(self, cap: Blocked, user: str | None, team: str | None, provider: str) -> None:
         """A request a cap refused."""
-        self._events.append(_CapEvent(cap, user, team, provider))
+        self._events.append(CapEvent(cap, user, team, provider))
 
     def observe_shadow(self, user: str | None, team: str | None, provider: str, passthrough: bool,
                        at: datetime) -> None:
         """A request that carried the client's own provider key (passed through for BYOK keys, else refused)."""
-        self._events.append(_ShadowEvent(user, team, provider, passthrough, at))
+        self._events.append(ShadowEvent(user, team, provider, passthrough, at))
 
     def observe_unpriced(self, provider: str, model: str) -> None:
         """A request served whose model has no known price (its cost is recorded as unknown)."""
-        self._events.append(_UnpricedEvent(provider, model))
+        self._events.append(UnpricedEvent(provider, model))
 
     def on_store_error(self, error: str) -> None:
         """AuditWriter callback: a batch commit failed."""
@@ -175,9 +150,9 @@ class AlertEvaluator:
         parts: list[tuple[str, Callable[[], list[Alert]]]] = [
             ("store", lambda: self._store_failing(now)),
             ("thresholds", lambda: self._thresholds(now)),
-            ("cap_blocked", lambda: self._cap_blocked([e for e in events if isinstance(e, _CapEvent)], now)),
-            ("shadow", lambda: self._shadow([e for e in events if isinstance(e, _ShadowEvent)], now)),
-            ("unpriced", lambda: self._unpriced([e for e in events if isinstance(e, _UnpricedEvent)], now)),
+            ("cap_blocked", lambda: self._cap_blocked([e for e in events if isinstance(e, CapEvent)], now)),
+            ("shadow", lambda: self._shadow([e for e in events if isinstance(e, ShadowEvent)], now)),
+            ("unpriced", lambda: self._unpriced([e for e in events if isinstance(e, UnpricedEvent)], now)),
         ]
         if self._due("spike", now, self.spike_every):
             parts.append(("spike", lambda: self._spikes(now)))
@@ -208,7 +183,7 @@ class AlertEvaluator:
     def spike_every(self) -> float:
         return min(15.0, max(1.0, self.settings.alerts.spike.window_seconds / 5))
 
-    def _drain(self) -> list[_Event]:
+    def _drain(self) -> list[Event]:
         out = []
         while True:
             try:
@@ -276,10 +251,10 @@ class AlertEvaluator:
 
     # -- cap blocked --------------------------------------------------------------
 
-    def _cap_blocked(self, events: list[_CapEvent], now: datetime) -> list[Alert]:
+    def _cap_blocked(self, events: list[CapEvent], now: datetime) -> list[Alert]:
         if not events:
             return []
-        groups: dict[str, list[_CapEvent]] = {}
+        groups: dict[str, list[CapEvent]] = {}
         for e in events:
             start = period_start(e.cap.period, e.cap.resets_at - timedelta(microseconds=1))
             groups.setdefault(str(DedupeKey.cap_blocked(e.cap.scope, e.cap.name, e.cap.period, start)), []).append(e)
@@ -309,7 +284,7 @@ class AlertEvaluator:
                 continue  # the first alert went out this hour; summarise from the next one
             found = key.cap_period()
             period = found[0] if found else ""
-            resets = render.resets_at(key)
+            resets = resets_at(key)
             if resets is not None and resets <= now:
                 continue  # that period is over: its cap no longer blocks anything
             new = row.count - row.reported_count
@@ -325,10 +300,10 @@ class AlertEvaluator:
 
     # -- shadow traffic -------------------------------------------------------------
 
-    def _shadow(self, events: list[_ShadowEvent], now: datetime) -> list[Alert]:
+    def _shadow(self, events: list[ShadowEvent], now: datetime) -> list[Alert]:
         if not events:
             return []
-        groups: dict[tuple[str | None, str], list[_ShadowEvent]] = {}
+        groups: dict[tuple[str | None, str], list[ShadowEvent]] = {}
         for e in events:
             groups.setdefault((e.user, e.provider), []).append(e)
         day = now.astimezone(timezone.utc).date().isoformat()
@@ -346,7 +321,7 @@ class AlertEvaluator:
 
     # -- unpriced models -----------------------------------------------------------------
 
-    def _unpriced(self, events: list[_UnpricedEvent], now: datetime) -> list[Alert]:
+    def _unpriced(self, events: list[UnpricedEvent], now: datetime) -> list[Alert]:
         """One alert per (provider, model) a day, gateway-wide; later requests are counted on its mark."""
         if not events:
             return []
@@ -397,32 +372,15 @@ class AlertEvaluator:
     def _spikes(self, now: datetime) -> list[Alert]:
         sp = self.settings.alerts.spike
         window = timedelta(seconds=sp.window_seconds)
-        min_nusd = to_nano(sp.min_usd)
-        recent = self.reports.activity_by_user(now - window)
-        cands = {u: v for u, v in recent.items() if v[0] >= sp.min_requests or (min_nusd > 0 and v[1] >= min_nusd)}
-        if not cands:
-            return []
-        base = self.reports.activity_by_user(now - timedelta(seconds=sp.baseline_seconds), now - window,
-                                             users=list(cands))
-        scale = sp.window_seconds / (sp.baseline_seconds - sp.window_seconds)
         sent: list[Alert] = []
-        for user, (n, cost) in sorted(cands.items()):
-            bn, bcost = base.get(user, (0, 0))
-            usual_n, usual_cost = bn * scale, bcost * scale
-            reasons = []
-            if n >= sp.min_requests and n > sp.factor * usual_n:
-                reasons.append(f"{n} requests vs usual {usual_n:.1f} (alert above {sp.factor:g}x)")
-            if min_nusd > 0 and cost >= min_nusd and cost > sp.factor * usual_cost:
-                reasons.append(f"{dollars(cost)} vs usual {dollars(round(usual_cost))} (alert above {sp.factor:g}x)")
-            if not reasons:
-                continue
-            latest = self.marks.latest("spike", "user", user)
+        for s in find_spikes(sp, self.reports, now):
+            latest = self.marks.latest("spike", "user", s.user)
             if latest is not None and latest.last_at >= now - window:
                 self.marks.bump(latest.dedupe_key, 1, now)  # the same episode goes on
                 continue
-            episode = self.marks.count("spike", "user", user) + 1
-            alert = render.spike_alert(user, episode, sp.window_seconds, n, cost, usual_n, usual_cost,
-                                       "; ".join(reasons), now - window, self.team_of(user))
+            episode = self.marks.count("spike", "user", s.user) + 1
+            alert = render.spike_alert(s.user, episode, sp.window_seconds, s.requests, s.cost_nusd, s.usual_requests,
+                                       s.usual_cost_nusd, s.reasons, now - window, self.team_of(s.user))
             if self.emit(alert, now):
                 sent.append(alert)
         return sent

@@ -10,8 +10,9 @@ from decimal import Decimal
 from typing import Any
 
 from spendgate.alerts import messages as render
+from spendgate.alerts.dedupe import DedupeKey
 from spendgate.alerts.evaluator import AlertEvaluator
-from spendgate.alerts.messages import Alert, DedupeKey
+from spendgate.alerts.messages import Alert
 from spendgate.settings import Settings, parse_settings
 from spendgate.stages.call import new_request_id
 from spendgate.store import Database, audit

@@ -10,7 +10,8 @@ from decimal import Decimal
 import pytest
 
 from spendgate.alerts import messages as render
-from spendgate.alerts.messages import Alert, DedupeKey
+from spendgate.alerts.dedupe import DedupeKey, resets_at
+from spendgate.alerts.messages import Alert
 from spendgate.periods import period_end, period_start
 from tests.unit.alerts.helpers import ALL_ALERTS
 
@@ -143,8 +144,8 @@ def test_cap_period_and_summaries(key: DedupeKey, summary: bool, period: tuple[s
 
 
 def test_resets_at_is_the_end_of_the_blocked_period() -> None:
-    assert render.resets_at(DedupeKey.cap_blocked("user", "a", "month", START)) == datetime(2026, 12, 1, tzinfo=UTC)
-    assert render.resets_at(DedupeKey.spike("a", 1)) is None
+    assert resets_at(DedupeKey.cap_blocked("user", "a", "month", START)) == datetime(2026, 12, 1, tzinfo=UTC)
+    assert resets_at(DedupeKey.spike("a", 1)) is None
 
 
 def test_builders_use_the_keys() -> None:
