@@ -133,6 +133,9 @@ def test_traffic_is_mixed(audit: list[dict[str, Any]]) -> None:
 
 
 def _cell(v: Any) -> str:
+    """A JSON value as its CSV cell: empty for null, true/false for booleans (no Python reprs)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
     return "" if v is None else str(v)
 
 

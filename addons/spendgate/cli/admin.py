@@ -1,4 +1,4 @@
-"""`spendgate serve`, `onboard`, `ca`, `doctor`, `db upgrade`, `purge`: running and setting up."""
+"""`spendgate serve`, `ca`, `doctor`, `db upgrade`, `purge`: running and setting up."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from spendgate.cli.common import ConfigOpt, err, open_db, parse_when, settings_from
 from spendgate.cli.doctor import run_checks
-from spendgate.cli.onboarding import ensure_ca, onboard_lines
+from spendgate.cli.onboarding import ensure_ca
 from spendgate.settings import ConfigError, load_settings
 from spendgate.store import Database, SchemaError
 from spendgate.store.audit import AuditLog
@@ -27,12 +27,6 @@ def serve(config: ConfigOpt = None) -> None:
     except SchemaError as e:  # a schema that is behind: refused like every other command, not a traceback
         err.print(f"[red]database:[/red] {e}")
         raise typer.Exit(3) from None
-
-
-def onboard(user: str, config: ConfigOpt = None) -> None:
-    """Print the environment lines a developer pastes (proxy and CA trust)."""
-    for line in onboard_lines(settings_from(config), user):
-        print(line)
 
 
 def ca(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,7 +17,7 @@ from spendgate.money import usd
 from spendgate.settings import ConfigError, Settings, load_settings
 from spendgate.store import Database, SchemaError
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a path or URL in a message is never broken across lines
 
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", help="Config file (default: $SPENDGATE_CONFIG, ./spendgate.toml, built-ins).")]
@@ -52,6 +53,7 @@ def safe_url(url: str) -> str:
 
 
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d|w)?$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str) -> timedelta:
@@ -59,7 +61,7 @@ def parse_duration(text: str) -> timedelta:
     if not m:
         raise typer.BadParameter(f"{text!r} is not a duration; write e.g. 30s, 15m, 24h, 7d")
     n, unit = int(m.group(1)), m.group(2) or "s"
-    return timedelta(seconds=n * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit])
+    return timedelta(seconds=n * _UNIT_SECONDS[unit])
 
 
 def parse_when(text: str) -> datetime:
@@ -68,6 +70,43 @@ def parse_when(text: str) -> datetime:
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not an ISO date or time, e.g. 2026-12-31 or 2026-12-31T18:00") from None
     return d.replace(tzinfo=timezone.utc) if d.tzinfo is None else d.astimezone(timezone.utc)
+
+
+_AGO = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")  # a unit is required: "2026" alone is a year
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """A listing's `--since` / `--until`: an ISO date or time (UTC unless it says), `7d`, `24h`,
+    `30m` ago, or `today` / `yesterday` (from 00:00 UTC) or `now`."""
+    now = now or datetime.now(timezone.utc)
+    word = text.strip().lower()
+    midnight = now.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    named = {"now": now, "today": midnight, "yesterday": midnight - timedelta(days=1)}
+    if word in named:
+        return named[word]
+    m = _AGO.match(word)
+    if m:
+        return now - timedelta(seconds=int(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    try:
+        d = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a time: write an ISO date or time (2026-12-31, "
+                                 "2026-12-31T18:00), a span back from now (30m, 24h, 7d, 2w), today or yesterday"
+                                 ) from None
+    return d.replace(tzinfo=timezone.utc) if d.tzinfo is None else d.astimezone(timezone.utc)
+
+
+_TIME_HELP = "ISO date or time (UTC), or 30m / 24h / 7d ago, or today / yesterday."
+SinceOpt = Annotated[Optional[datetime], typer.Option("--since", parser=parse_time, metavar="WHEN",
+                                                      help=f"From this time on. {_TIME_HELP}")]
+UntilOpt = Annotated[Optional[datetime], typer.Option("--until", parser=parse_time, metavar="WHEN",
+                                                      help=f"Before this time. {_TIME_HELP}")]
+
+
+class Period(str, Enum):
+    day = "day"
+    week = "week"
+    month = "month"
 
 
 def usd_cell(nano: Optional[int]) -> Optional[Decimal]:

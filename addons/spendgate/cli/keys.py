@@ -9,7 +9,17 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from spendgate.cli.common import ActorOpt, ConfigOpt, FormatOpt, err, open_db, parse_duration, parse_when, settings_from
+from spendgate.cli.common import (
+    ActorOpt,
+    ConfigOpt,
+    FormatOpt,
+    Period,
+    err,
+    open_db,
+    parse_duration,
+    parse_when,
+    settings_from,
+)
 from spendgate.cli.onboarding import onboard_lines
 from spendgate.cli.render import Format, render
 from spendgate.money import parse_usd
@@ -24,7 +34,7 @@ def keys_create(
     user: str,
     team: Annotated[Optional[str], typer.Option("--team")] = None,
     cap: Annotated[Optional[str], typer.Option("--cap", help="Spend cap in USD for this user.")] = None,
-    period: Annotated[Optional[str], typer.Option("--period", help="day, week or month.")] = None,
+    period: Annotated[Optional[Period], typer.Option("--period", help="The cap's period.")] = None,
     models: Annotated[Optional[list[str]], typer.Option("--models", help="Allowed model globs (repeat).")] = None,
     expires: Annotated[Optional[str], typer.Option("--expires", help="ISO date the key stops working.")] = None,
     rpm: Annotated[Optional[int], typer.Option("--rpm", min=1, help="Requests per minute.")] = None,
@@ -47,7 +57,7 @@ def keys_create(
         key_id, key = store.create_key(
             user, team=team, models=models or (), expires_at=parse_when(expires) if expires else None, rpm=rpm,
             byok=byok, capture_content=capture_content, capture_reason=reason, actor=actor,
-            cap=(_usd_option(cap), period) if cap is not None and period is not None else None,
+            cap=(_usd_option(cap), period.value) if cap is not None and period is not None else None,
         )
     except StoreError as e:
         err.print(f"[red]{e}[/red]")
@@ -98,17 +108,23 @@ def keys_rotate(
     actor: ActorOpt = None,
 ) -> None:
     """New secret for KEY_ID; the old one works for the grace period."""
-    store = KeyStore(open_db(settings_from(config)))
+    settings = settings_from(config)
+    store = KeyStore(open_db(settings))
     try:
         key = store.rotate(key_id, parse_duration(grace), actor=actor)
     except StoreError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
+    user = next(k.user for k in store.list_keys() if k.key_id == key_id)
+    lines = onboard_lines(settings, user, key)  # the developer's lines carry the key: they change with it
     if fmt is Format.json:
-        print(json.dumps({"key": key, "key_id": key_id, "grace": grace}))
+        print(json.dumps({"key": key, "key_id": key_id, "user": user, "grace": grace, "onboard": lines}))
     else:
         Console().print(f"New secret for {key_id} (old one valid for {grace}). Shown only now:")
         print(key)
+        Console().print(f"\n{user} pastes these (or runs the setup script again with SPENDGATE_KEY=<new key>):")
+        for line in lines:
+            print(line)
 
 
 

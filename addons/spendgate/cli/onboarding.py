@@ -1,20 +1,28 @@
-"""The gateway CA and the lines a developer pastes to use the gateway."""
+"""`spendgate onboard`: the lines a developer pastes, or the setup script they run; and the gateway CA."""
 
 from __future__ import annotations
 
-import ssl
+import socket
 from pathlib import Path
+from typing import Annotated, Optional
 
+import typer
 from mitmproxy import certs
 
+from spendgate import onboarding
+from spendgate.cli.common import ConfigOpt, err, open_db, settings_from
+from spendgate.keys import parse_key
+from spendgate.onboarding import PublicAddress, ca_fingerprint, public_address
+from spendgate.onboarding.script import setup_script
+from spendgate.onboarding.shells import Shell, pasted_lines
 from spendgate.settings import Settings
+from spendgate.store.keys import KeyStore
 
-CA_NAME = "mitmproxy"  # mitmproxy's confdir layout: mitmproxy-ca-cert.pem etc.
-BUNDLE_NAME = "spendgate-ca-bundle.pem"
+CA_NAME = onboarding.CA_NAME
 
 
 def ca_cert_path(settings: Settings) -> Path:
-    return settings.proxy.confdir / f"{CA_NAME}-ca-cert.pem"
+    return onboarding.ca_cert_path(settings.proxy.confdir)
 
 
 def ensure_ca(settings: Settings) -> Path:
@@ -26,46 +34,56 @@ def ensure_ca(settings: Settings) -> Path:
     return path
 
 
-def _system_ca_file() -> Path | None:
-    paths = ssl.get_default_verify_paths()
-    for cand in (paths.cafile, paths.openssl_cafile,
-                 "/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"):
-        if cand and Path(cand).is_file():
-            return Path(cand)
-    try:
-        import certifi
-
-        return Path(certifi.where())
-    except ImportError:
-        return None
+def gateway_address(settings: Settings) -> PublicAddress:
+    """Where developers reach the proxy; says on stderr when that is a guess."""
+    address = public_address(settings.proxy, socket.gethostname())
+    if address.note:
+        err.print(f"[yellow]note:[/yellow] {address.note}")
+    return address
 
 
-def ensure_bundle(settings: Settings) -> Path:
-    """System CAs plus the gateway CA: the trust variables replace the system store, so both are needed."""
+def onboard_lines(settings: Settings, user: str, key: str | None = None, shell: Shell = Shell.bash) -> list[str]:
+    """The lines `onboard`, `keys create` and `keys rotate` print."""
     ca = ensure_ca(settings)
-    bundle = settings.proxy.confdir / BUNDLE_NAME
-    system = _system_ca_file()
-    parts = [system.read_text()] if system else []
-    parts.append(ca.read_text())
-    text = "\n".join(p.rstrip("\n") + "\n" for p in parts)
-    if not bundle.exists() or bundle.read_text() != text:
-        bundle.write_text(text)
-    return bundle
+    return pasted_lines(gateway_address(settings), user, key, shell, ca_fingerprint(ca.read_text()))
 
 
-def onboard_lines(settings: Settings, user: str, key: str | None = None) -> list[str]:
-    bundle = ensure_bundle(settings)
-    listen = settings.proxy.listen
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "::", "") else listen.host
-    secret = key or "<your sg_ key>"
-    proxy = f"http://{user}:{secret}@{host}:{listen.port}"
-    return [
-        f'export HTTPS_PROXY="{proxy}"',
-        f'export HTTP_PROXY="{proxy}"',
-        'export NO_PROXY="localhost,127.0.0.1,::1"',
-        f'export SSL_CERT_FILE="{bundle}"',
-        f'export REQUESTS_CA_BUNDLE="{bundle}"',
-        f'export CURL_CA_BUNDLE="{bundle}"',
-        f'export NODE_EXTRA_CA_CERTS="{bundle}"',
-        f'export GIT_SSL_CAINFO="{bundle}"',
-    ]
+def onboard(
+    user: str,
+    script: Annotated[bool, typer.Option(
+        "--script", help="Print a setup script the developer runs on their own machine instead.")] = False,
+    shell: Annotated[Shell, typer.Option("--shell", help="The developer's shell.")] = Shell.bash,
+    key: Annotated[Optional[str], typer.Option(
+        "--key", help="Write this sg_ key in (else the developer adds theirs; the script asks).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print the environment lines a developer pastes (proxy, CA trust, API-key variables, Node), or with
+    --script a setup script that builds the trust bundle on their machine and writes the lines."""
+    settings = settings_from(config)
+    _check_user(settings, user, key)
+    if not script:
+        for line in onboard_lines(settings, user, key, shell):
+            print(line)
+        return
+    ca = ensure_ca(settings)
+    print(setup_script(gateway_address(settings), user, key, shell, ca.read_text()), end="")
+
+
+def _check_user(settings: Settings, user: str, key: str | None) -> None:
+    """Onboarding someone who has no working key would hand out lines that cannot work."""
+    keys = [k for k in KeyStore(open_db(settings)).list_keys() if k.user == user]
+    if not keys:
+        err.print(f"[red]no user {user!r}:[/red] mint a key first: spendgate keys create {user}")
+        raise typer.Exit(1)
+    active = {k.key_id for k in keys if k.state == "active"}
+    if not active:
+        err.print(f"[red]{user!r} has no active key[/red] ({', '.join(sorted({k.state for k in keys}))}): "
+                  f"mint one with `spendgate keys create {user}`")
+        raise typer.Exit(1)
+    if key is not None:
+        parsed = parse_key(key)
+        if parsed is None:
+            raise typer.BadParameter("not a Spendgate key (sg_<id>_<secret>)", param_hint="--key")
+        if parsed.key_id not in active:
+            raise typer.BadParameter(f"key {parsed.key_id} is not an active key of {user}; see `spendgate keys list`",
+                                     param_hint="--key")

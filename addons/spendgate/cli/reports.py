@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from spendgate.cli.common import ConfigOpt, FormatOpt, open_db, parse_when, settings_from, usd_cell
+from spendgate.cli.common import ConfigOpt, FormatOpt, SinceOpt, UntilOpt, open_db, settings_from, usd_cell
 from spendgate.cli.render import Format, render
 from spendgate.store.audit import COLUMNS, AuditLog
 from spendgate.store.keys import KeyStore
@@ -20,26 +20,40 @@ AUDIT_TABLE_COLUMNS = ["started_at", "user", "provider", "model_requested", "out
                        "output_tokens", "usage_source", "cost_usd", "latency_ms", "id"]
 
 
+class OutcomeChoice(str, Enum):
+    """The audit record's outcomes (the contract's list; a test keeps it equal to the stages' `Outcome`)."""
+
+    completed = "completed"
+    upstream_error = "upstream_error"
+    client_aborted = "client_aborted"
+    blocked_auth = "blocked_auth"
+    blocked_cap = "blocked_cap"
+    blocked_rate = "blocked_rate"
+    blocked_policy = "blocked_policy"
+    gateway_error = "gateway_error"
+    incomplete = "incomplete"
+
+
 def audit(
     admin: Annotated[bool, typer.Option("--admin", help="Admin actions instead of requests.")] = False,
     user: Annotated[Optional[str], typer.Option("--user")] = None,
-    since: Annotated[Optional[str], typer.Option("--since")] = None,
-    until: Annotated[Optional[str], typer.Option("--until")] = None,
-    outcome: Annotated[Optional[str], typer.Option("--outcome")] = None,
-    limit: Annotated[int, typer.Option("--limit")] = 100,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    outcome: Annotated[Optional[OutcomeChoice], typer.Option(
+        "--outcome", metavar="OUTCOME", help=f"Only these: {', '.join(o.value for o in OutcomeChoice)}.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many rows, newest first.")] = 100,
     config: ConfigOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """One row per request (or per admin action with --admin)."""
     db = open_db(settings_from(config))
-    s = parse_when(since) if since else None
-    u = parse_when(until) if until else None
     if admin:
-        rows = [ev.model_dump() for ev in KeyStore(db).admin_events(s, u, limit)]
+        rows = [ev.model_dump() for ev in KeyStore(db).admin_events(since, until, limit)]
         render(rows, ["id", "at", "actor", "action", "target", "before", "after"], fmt, title="Admin events")
         return
     rows = []
-    for r in AuditLog(db).rows(user=user, since=s, until=u, outcome=outcome, limit=limit):
+    for r in AuditLog(db).rows(user=user, since=since, until=until, outcome=outcome.value if outcome else None,
+                               limit=limit):
         d = dataclasses.asdict(r)
         d["cost_usd"] = usd_cell(d.pop("cost_nusd"))
         rows.append(d)
@@ -56,14 +70,13 @@ class GroupBy(str, Enum):
 
 def usage(
     by: Annotated[GroupBy, typer.Option("--by")] = GroupBy.user,
-    since: Annotated[Optional[str], typer.Option("--since")] = None,
-    until: Annotated[Optional[str], typer.Option("--until")] = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Spend and tokens by user, team, model, provider or day (sums of the audit rows, exact)."""
-    rows = Reports(open_db(settings_from(config))).usage_report(by.value, parse_when(since) if since else None,
-                                                                parse_when(until) if until else None)
+    rows = Reports(open_db(settings_from(config))).usage_report(by.value, since, until)
     total: dict[str, Any] = {"key": "TOTAL"}
     for r in rows:
         r[by.value] = r.pop("key")

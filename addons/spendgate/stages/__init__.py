@@ -1,6 +1,6 @@
 """The request's path: one mitmproxy addon per stage, run in list order by the `Pipeline`.
 
-    tls → routing → identity → destinations → rate limit → policy → sockets → budget → meter
+    tls → routing → onboarding files → identity → destinations → rate limit → policy → sockets → budget → meter
         → forward → record → metrics → alerts
 
 Within one mitmproxy event the stages run in this order: a refusal by an early stage is seen
@@ -25,6 +25,7 @@ from spendgate.stages.forward import Forward
 from spendgate.stages.identity import Identity, Keys
 from spendgate.stages.meter import Meter
 from spendgate.stages.metrics import MetricsStage
+from spendgate.stages.onboarding_files import OnboardingFiles
 from spendgate.stages.policy import Policy
 from spendgate.stages.ratelimit import RateLimit
 from spendgate.stages.record import Record
@@ -70,6 +71,7 @@ def build_stages(
     stages: list[object] = [
         TlsPolicy(routes.is_model_host, routes.verify_upstream),
         Routing(routes.provider_for, targets),
+        OnboardingFiles.for_gateway(settings, targets),  # GET /spendgate/ca.pem, addressed to the proxy
         Identity(registry, routes.is_model_host, proxy.block_other_hosts),
         Destinations(DestinationPolicy.build(proxy.allow_ports, proxy.allow_destinations, listens),
                      routes.provider_for, routes.model_upstream, local_addresses(listens), targets),

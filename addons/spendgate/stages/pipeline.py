@@ -158,8 +158,8 @@ class Pipeline:
 
 def log_refusal(stage: str, flow: http.HTTPFlow) -> None:
     """Every refusal says why, at info (never a credential: no query string, no header values)."""
-    if not log.isEnabledFor(logging.INFO) or flow.response is None:
-        return
+    if not log.isEnabledFor(logging.INFO) or flow.response is None or flow.response.status_code < 400:
+        return  # the gateway's own answers (the CA download) are not refusals
     call = get_call(flow)
     req, resp = flow.request, flow.response
     path = req.path.split("?", 1)[0]
