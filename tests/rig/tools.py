@@ -16,7 +16,11 @@ file and never seen half done: npm trees are built in a temporary directory and 
 place; a venv (whose scripts hard-code its path) is built in place and counts only once its
 ``.complete`` marker is written. Installs talk to the registries directly (a test's
 ``HTTPS_PROXY`` is dropped), quietly, each bounded by ``$SPENDGATE_TOOLS_INSTALL_TIMEOUT``
-seconds (default 300).
+seconds (default 300). So that a machine with no registry (offline CI) skips in seconds, not
+tools x timeouts: the npm registry is probed first (``REGISTRY_PROBE_S``, unless npm is set to
+go through a proxy), and once a registry did not answer, every later install from it in the same
+process is refused at once with the same reason. (pip gets no probe: its config may name local
+wheel directories or indexes that need no network.)
 
 Measured on this machine (2 cores, Node 20.20, Python 3.12; cold = empty cache, cached = a
 lookup of what is already there, ~0.0 s for each):
@@ -43,11 +47,12 @@ import hashlib
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -61,7 +66,17 @@ NODE_PROXY_PRELOAD = REPO_ROOT / "addons" / "spendgate" / "onboarding_assets" / 
 
 
 class ToolUnavailable(Exception):
-    """A tool could not be installed here; ``str(exc)`` is the reason, fit for ``pytest.skip``."""
+    """A tool could not be installed here; ``str(exc)`` is the reason, fit for ``pytest.skip``.
+
+    ``unreachable``: the registry did not answer (as opposed to refusing or failing the install)."""
+
+    def __init__(self, reason: str, unreachable: bool = False) -> None:
+        super().__init__(reason)
+        self.unreachable = unreachable
+
+
+REGISTRY_PROBE_S = 10.0
+_DOWN: dict[str, str] = {}  # registry ("npm" | "pypi") -> why it did not answer, for this process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +152,15 @@ def install(name: str, timeout: float | None = None) -> Path:
     raise KeyError(f"unknown tool {name!r}; known: {', '.join(ALL_TOOLS)}")
 
 
+def cached(name: str) -> bool:
+    """Whether tool ``name`` is already installed in the cache (no registry needed)."""
+    root = cache_root()
+    if name in NPM_TOOLS:
+        return _npm_result(NPM_TOOLS[name], root / "npm" / NPM_TOOLS[name].slug).exists()
+    venv = root / "venvs" / PYTHON_TOOLS[name].slug
+    return (venv / ".complete").exists() and (venv / "bin" / PYTHON_TOOLS[name].bin).exists()
+
+
 def claude() -> Path:
     return install("claude")
 
@@ -156,6 +180,11 @@ def llm() -> Path:
 def node_modules() -> Path:
     """A ``node_modules`` with the official Node SDKs and undici (for ``NODE_PATH``)."""
     return install("node-sdks")
+
+
+def undici() -> Path:
+    """The npm package undici (the Node 20/22 preload needs it), as ``npm install undici@7`` puts it."""
+    return node_modules() / "undici"
 
 
 def node_proxy_env() -> dict[str, str]:
@@ -200,7 +229,7 @@ def _install_npm(tool: NpmTool, timeout: float) -> Path:
     npm = shutil.which("npm")
     if not npm:
         raise ToolUnavailable("npm is not installed")
-    with _locked(final):
+    with _locked(final), _registry("npm", lambda: _probe_npm(npm)):
         if result.exists():
             return result
         with _staging(final) as tmp:
@@ -218,6 +247,35 @@ def _install_npm(tool: NpmTool, timeout: float) -> Path:
 
 def _npm_result(tool: NpmTool, prefix: Path) -> Path:
     return prefix / "node_modules" / ".bin" / tool.bin if tool.bin else prefix / "node_modules"
+
+
+def _probe_npm(npm: str) -> None:
+    """Raise (unreachable) unless the registry npm uses answers HTTP within ``REGISTRY_PROBE_S``."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        cp = subprocess.run([npm, "config", "list", "--json"], capture_output=True, text=True, timeout=30,
+                            stdin=subprocess.DEVNULL)
+        config = json.loads(cp.stdout) if cp.returncode == 0 else {}
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        config = {}
+    if config.get("proxy") or config.get("https-proxy"):
+        return  # npm goes through a proxy we would not: let npm itself find out
+    registry = str(config.get("registry") or "https://registry.npmjs.org/")
+    url = registry.rstrip("/") + "/-/ping"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        opener.open(urllib.request.Request(url, method="GET"), timeout=REGISTRY_PROBE_S).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return  # it answered, with a certificate npm may well accept (its own cafile)
+        raise ToolUnavailable(f"npm registry {registry} did not answer within {REGISTRY_PROBE_S:.0f}s: {reason}",
+                              unreachable=True) from None
 
 
 # --------------------------------------------------------------------------- python
@@ -239,13 +297,14 @@ def _install_python(tool: PythonTool, timeout: float) -> Path:
         if final.exists():
             shutil.rmtree(final)
         try:
-            _run([python, "-m", "venv", str(final)], what="python -m venv", timeout=120)
-            _run(
-                [str(final / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                 "--no-input", "--retries", "2", "--timeout", "60", tool.requirement, *tool.extra],
-                what=f"pip install {tool.requirement}", timeout=max(deadline - time.monotonic(), 1),
-                env={"PIP_CACHE_DIR": str(cache_root() / "pip-cache")},
-            )
+            with _registry("pypi"):
+                _run([python, "-m", "venv", str(final)], what="python -m venv", timeout=120)
+                _run(
+                    [str(final / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                     "--no-input", "--retries", "2", "--timeout", "60", tool.requirement, *tool.extra],
+                    what=f"pip install {tool.requirement}", timeout=max(deadline - time.monotonic(), 1),
+                    env={"PIP_CACHE_DIR": str(cache_root() / "pip-cache")},
+                )
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
             raise
@@ -263,6 +322,22 @@ def _base_python() -> str:
 
 
 # --------------------------------------------------------------------------- plumbing
+
+
+@contextlib.contextmanager
+def _registry(name: str, probe: Callable[[], None] | None = None) -> Iterator[None]:
+    """Refuse at once when ``name`` did not answer earlier in this process; else probe it, and
+    remember it as down when the probe or the install finds it unreachable."""
+    if name in _DOWN:
+        raise ToolUnavailable(f"{_DOWN[name]} (found earlier in this run; not retried)", unreachable=True)
+    try:
+        if probe is not None:
+            probe()
+        yield
+    except ToolUnavailable as exc:
+        if exc.unreachable:
+            _DOWN[name] = str(exc)
+        raise
 
 
 @contextlib.contextmanager
@@ -313,19 +388,19 @@ def _run(cmd: Sequence[str], *, what: str, timeout: float, env: Mapping[str, str
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        _unavailable(f"{what} timed out after {timeout:.0f}s (registry slow or unreachable)")
+        _unavailable(f"{what} timed out after {timeout:.0f}s (registry slow or unreachable)", unreachable=True)
     if proc.returncode != 0:
         out = (stderr or "") + (stdout or "")
         tail = " | ".join(line.strip() for line in out.strip().splitlines()[-3:])[-400:]
         if any(s in out for s in _UNREACHABLE):
-            _unavailable(f"package registry unreachable ({what}): {tail}")
+            _unavailable(f"package registry unreachable ({what}): {tail}", unreachable=True)
         if "No matching distribution" in out or "ETARGET" in out or "E404" in out:
             _unavailable(f"pinned version not on the registry ({what}): {tail}")
         _unavailable(f"{what} failed (exit {proc.returncode}): {tail}")
 
 
-def _unavailable(reason: str) -> NoReturn:
-    raise ToolUnavailable(reason)
+def _unavailable(reason: str, unreachable: bool = False) -> NoReturn:
+    raise ToolUnavailable(reason, unreachable)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
