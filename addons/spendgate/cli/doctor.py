@@ -10,7 +10,7 @@ from pathlib import Path
 
 from spendgate.cli.common import safe_url
 from spendgate.cli.onboarding import ca_cert_path
-from spendgate.providers.tokens import encoding_for
+from spendgate.providers.tokens import available_encodings, encoding_files
 from spendgate.settings import HostPort, ProviderSettings, Settings
 from spendgate.store import Database, sqlite_path
 
@@ -69,12 +69,15 @@ def _database(settings: Settings) -> Check:
 
 
 def _tokenizer() -> Check:
-    enc = encoding_for("gpt-4o")
-    if enc is None:
-        where = os.environ.get("TIKTOKEN_CACHE_DIR", "(TIKTOKEN_CACHE_DIR unset)")
-        return Check("tokenizer", "WARN",
-                     f"no tiktoken encoding loadable from {where}; token estimates fall back to bytes/4")
-    return Check("tokenizer", "OK", "tiktoken encodings available")
+    found = available_encodings()
+    files = encoding_files()
+    where = os.path.dirname(next(iter(files.values()))[1]) or "(caching disabled)"
+    missing = [f"{name} (fetch {url} to {path})" for name, (url, path) in files.items() if name not in found]
+    if not found:
+        return Check("tokenizer", "WARN", f"no tiktoken encoding loadable from {where}; token estimates fall back "
+                                          f"to bytes/4. Missing: {'; '.join(missing)}")
+    extra = f"; missing {'; '.join(missing)}" if missing else ""
+    return Check("tokenizer", "OK", f"{', '.join(found)} from {where}{extra}")
 
 
 def _ca(settings: Settings) -> Check:

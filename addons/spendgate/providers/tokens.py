@@ -21,7 +21,9 @@ import tiktoken
 from spendgate.providers import prompt_of
 from spendgate.providers.wire import EndpointKind, Family
 
-__all__ = ["IMAGE_TOKENS", "available_encodings", "count_text", "encoding_for", "estimate_input_tokens"]
+__all__ = [
+    "IMAGE_TOKENS", "available_encodings", "count_text", "encoding_files", "encoding_for", "estimate_input_tokens",
+]
 
 # (download URL, sha256) exactly as tiktoken_ext.openai_public names them; tiktoken's cache file
 # is sha1(URL) inside TIKTOKEN_CACHE_DIR (or DATA_GYM_CACHE_DIR, or <tmp>/data-gym-cache).
@@ -114,6 +116,12 @@ def encoding_for(model: str | None) -> tiktoken.Encoding | None:
 def available_encodings() -> list[str]:
     """For `spendgate doctor`: the encodings that load from the local cache."""
     return [name for name in _BLOBS if _load(name) is not None]
+
+
+def encoding_files() -> dict[str, tuple[str, str]]:
+    """For `spendgate doctor`: each encoding's (download URL, the file tiktoken's cache expects)."""
+    return {name: (url, os.path.join(_cache_dir(), hashlib.sha1(url.encode()).hexdigest()))
+            for name, (url, _) in _BLOBS.items()}
 
 
 def count_text(text: str, model: str | None) -> int:

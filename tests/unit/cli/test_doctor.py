@@ -96,3 +96,24 @@ def test_another_program_on_the_ports_is_not_taken_for_the_gateway(tmp_path: Pat
     assert p.status == m.status == "WARN"
     assert "other than Spendgate" in p.detail and "proxy.listen" in p.detail
     assert "another program" in m.detail and "metrics.listen" in m.detail
+
+
+def test_the_tokenizer_check_names_the_encodings_and_where_they_go(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = ("from spendgate.cli.doctor import _tokenizer; c = _tokenizer(); print(c.status); print(c.detail)")
+    shared = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if shared and os.path.isdir(shared):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "TIKTOKEN_CACHE_DIR": shared}).stdout.splitlines()
+        assert out[0] == "OK" and "o200k_base, cl100k_base" in out[1] and shared in out[1]
+    empty = tmp_path / "cache"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TIKTOKEN_CACHE_DIR": str(empty)}).stdout.splitlines()
+    assert out[0] == "WARN" and "bytes/4" in out[1]
+    # The exact files an offline machine needs: tiktoken's cache names each by the SHA-1 of its URL.
+    assert str(empty / "fb374d419588a4632f3f557e76b4b70aebbca790") in out[1]  # o200k_base
+    assert "o200k_base.tiktoken" in out[1] and "cl100k_base.tiktoken" in out[1]
