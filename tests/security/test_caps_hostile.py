@@ -154,14 +154,12 @@ def test_both_limit_fields_are_clamped_and_neither_is_raised(gw_caps: GatewayPro
     assert limits_sent(rec) == {"max_completion_tokens": 100, "max_tokens": limit}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (not fixed, a product decision): a capped request with no output limit, or a negative one, is "
-    "reserved at [budgets] default_max_output_tokens (4096) but sent without that limit, so the provider may "
-    "generate up to the model's own maximum (16k-100k tokens), and N such requests in flight pass the cap by "
-    "N times that; the fix is to insert the reserved limit (clamping does so only when the default does not fit)"))
 @pytest.mark.parametrize("limit", [None, -1], ids=["none", "negative"])
 def test_the_limit_sent_is_the_one_reserved(gw_caps: GatewayProcess, lg: Ledger, scan: SecretScan,
                                             mock_provider: MockProvider, limit: int | None) -> None:
+    """A capped request that sets no output limit (or one no provider takes) is held at [budgets]
+    default_max_output_tokens and sent with that limit: else the provider may write up to the model's
+    own maximum, and N such requests in flight pass the cap by N times that."""
     key = mint(lg, scan, "no-limit", cap="0.50")
     body: dict[str, Any] = {"model": MULTI, "messages": MSGS}
     if limit is not None:
@@ -172,6 +170,7 @@ def test_the_limit_sent_is_the_one_reserved(gw_caps: GatewayProcess, lg: Ledger,
         (rec,) = mock_provider.wait_for(1)
         sent = limits_sent(rec)
         assert sent and all(isinstance(v, int) and 0 < v <= 4096 for v in sent.values()), sent
+        assert int(r.headers[LIMITED]) == max(sent.values())  # the client is told the limit it was given
 
 
 def test_a_gzip_body_is_clamped_and_sent_gzip_encoded(gw_caps: GatewayProcess, lg: Ledger, scan: SecretScan,

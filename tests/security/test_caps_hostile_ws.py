@@ -122,7 +122,9 @@ def test_a_message_the_gateway_cannot_read_is_not_sent(gw_caps: GatewayProcess, 
         ws.send(create(CODEX))
         assert until(ws, *RESPONSES_END)[-1]["type"] == "response.completed"
     (sess,) = mock_provider.wait_for_ws(1, closed=True)
-    assert [m.text for m in sess.messages if m.direction == "in"] == [create(CODEX)]
+    # Only the valid call went, with the output limit it was held at (it set none).
+    assert [json.loads(m.text) for m in sess.messages if m.direction == "in"] == [
+        {**json.loads(create(CODEX)), "max_output_tokens": 4096}]
 
 
 def test_a_binary_frame_is_governed_like_a_text_one(gw_caps: GatewayProcess, lg: Ledger, scan: SecretScan,

@@ -52,6 +52,12 @@ def _asked(objs: list[Mapping[str, Any]], name: str) -> int | None:
     return max(values) if values else None
 
 
+def _output_limit(configs: list[Mapping[str, Any]]) -> int | None:
+    """maxOutputTokens as Gemini reads it: proto3 JSON takes 0 for "not set" (the model's own maximum)."""
+    limit = _asked(configs, "maxOutputTokens")
+    return None if limit == 0 else limit
+
+
 def resource_name(path: str) -> str:
     """What a path is about: the method after ':' (models/imagen-3:predict is "predict"), else the
     collection (/v1beta/cachedContents is "cachedContents")."""
@@ -107,7 +113,7 @@ class GeminiAdapter:
         return RequestFacts(
             model=m.group(1) if m else _bare_model(as_text(body.get("model"))),  # the path routes: it wins
             stream=path.endswith(":streamGenerateContent"),
-            max_output_tokens=_asked(configs, "maxOutputTokens"),
+            max_output_tokens=_output_limit(configs),
             choices=min(max(candidates, 1), 128) if candidates is not None else 1,
             thinking_budget=max(budget, 0) if budget is not None else 0,
         )

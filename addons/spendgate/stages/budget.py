@@ -103,6 +103,7 @@ class Budgets:
             if result is None:
                 return
             if result.blocked is None:
+                self._send_what_is_held(call, None)
                 call.hold = Hold(amount, result.refs, result.remaining_nusd)
                 self.on_hold(call.request_id)
                 return
@@ -127,13 +128,26 @@ class Budgets:
         if result.blocked is not None:
             self._refuse_cap(flow, call, result.blocked, amount, now)
             return
-        if limited is not None and call.body is not None:
-            adapter_for(call.provider.spec.family).set_output_limit(
-                call.endpoint_kind, call.body, limited, call.provider.spec.chat_limit_field)
-            call.body_changed = True
-            call.max_output_tokens = call.output_limited = limited
+        self._send_what_is_held(call, limited)
         call.hold = Hold(amount, result.refs, result.remaining_nusd)
         self.on_hold(call.request_id)
+
+    def _send_what_is_held(self, call: Call, limited: int | None) -> None:
+        """The output limit sent is the one held: the lowered one, or, for a request that set none
+        (or a negative one), the default it was held at. Without it the provider may write up
+        to the model's own maximum, and N such requests in flight pass the cap by N times that."""
+        if not (self.rules.clamp_output and clampable(call)) or call.body is None:
+            return
+        if limited is None:
+            if call.max_output_tokens is not None and call.max_output_tokens >= 0:
+                return
+            limited = self.estimator.output_per_choice(call)
+            if limited <= 0:
+                return
+        adapter_for(call.provider.spec.family).set_output_limit(
+            call.endpoint_kind, call.body, limited, call.provider.spec.chat_limit_field)
+        call.body_changed = True
+        call.max_output_tokens = call.output_limited = limited
 
     def _refused_unmeasurable(self, flow: http.HTTPFlow, call: Call) -> bool:
         """Refuse, for a caller under a cap, what the gateway cannot estimate: fail closed."""

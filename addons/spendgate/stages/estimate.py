@@ -36,9 +36,9 @@ class Estimator:
         """Output tokens one answer may use: its limit, or the default plus any thinking budget."""
         if call.endpoint_kind in _NO_OUTPUT:
             return 0
-        if call.max_output_tokens is not None:
-            out = call.max_output_tokens
-        else:
+        if call.max_output_tokens is not None and call.max_output_tokens >= 0:
+            out = call.max_output_tokens  # 0: a call that holds its prompt only (one the server started)
+        else:  # none, or a negative one ("no limit" to some parsers): held, and sent, at the default
             out = self.default_max_output_tokens + call.thinking_budget
         return min(max(out, 0), MAX_OUTPUT_TOKENS)
 

@@ -70,6 +70,9 @@ GEMINI = "/v1beta/models/gemini-2.5-pro:generateContent"
         ("gemini", K.CHAT, {"generationConfig": {"maxOutputTokens": 10}, "generation_config": {
             "maxOutputTokens": 9000, "candidateCount": 2}}, GEMINI, 2, 9000),
         ("gemini", K.CHAT, {"generationConfig": "not an object"}, GEMINI, 1, None),
+        # proto3 JSON: 0 is "not set", the model's own maximum; never read as "no output".
+        ("gemini", K.CHAT, {"generationConfig": {"maxOutputTokens": 0}}, GEMINI, 1, None),
+        ("gemini", K.CHAT, {"generationConfig": {"maxOutputTokens": "0"}}, GEMINI, 1, None),
     ],
 )
 def test_what_a_request_asks_for(provider: str, kind: EndpointKind, body: dict[str, Any], path: str, choices: int,

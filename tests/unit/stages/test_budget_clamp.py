@@ -160,6 +160,38 @@ def test_a_limit_that_fits_is_sent_unchanged(db: Database) -> None:
     assert limited_header(st, f) is None
 
 
+@pytest.mark.parametrize(
+    "provider, path, body, field",
+    [
+        ("openai", "/v1/chat/completions", {"model": "gpt-4o", "messages": MSGS}, "max_completion_tokens"),
+        ("openai", "/v1/chat/completions", {"model": "gpt-4o", "messages": MSGS, "max_tokens": -1}, "max_tokens"),
+        ("gemini", GEMINI_PATH, {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {
+            "maxOutputTokens": 0}}, "maxOutputTokens"),
+    ],
+    ids=["none", "negative", "gemini-zero"],
+)
+def test_a_request_without_a_limit_is_sent_with_the_one_it_is_held_at(
+    db: Database, provider: str, path: str, body: dict[str, Any], field: str
+) -> None:
+    """Held at the default (20 here) and sent without a limit, the provider could write up to the
+    model's maximum: N such requests in flight would pass the cap by N times that."""
+    st = ClampStage(db)
+    st.store.set_budget("user", "nolimit", 100 * CAP, "day", actor="test")  # the default fits with room
+    host = {"gemini": "generativelanguage.googleapis.com"}.get(provider, "api.openai.com")
+    f = st.send(st.key("nolimit"), body, provider, path, host)
+    call = f.metadata[META]
+    assert f.response is None and call.hold is not None
+    config = sent(f).get("generationConfig", sent(f))
+    assert config[field] == 20 == call.max_output_tokens and limited_header(st, f) == "20"
+
+
+def test_without_a_cap_nothing_is_inserted(db: Database) -> None:
+    st = ClampStage(db)
+    f = st.send(st.key("free"), {"model": "gpt-4o", "messages": MSGS})
+    call = f.metadata[META]
+    assert f.response is None and not call.body_changed and call.output_limited is None
+
+
 def test_below_min_output_tokens_the_request_is_refused(db: Database) -> None:
     st = ClampStage(db)
     st.store.set_budget("user", "late", CAP, "day", actor="test")

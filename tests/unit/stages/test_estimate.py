@@ -39,7 +39,9 @@ def prompt(call: Call) -> int:
         ({"thinking_budget": 2048}, DEFAULT + 2048),  # thinking on top of the default answer
         ({"max_output_tokens": 100, "thinking_budget": 2048}, 100),  # the limit covers thinking too
         ({"max_output_tokens": 0}, 0),  # a warm-up
-        ({"max_output_tokens": -100_000}, 0),  # never a negative estimate: it would make room under a cap
+        # A negative limit is "none" to some parsers: held at the default (and sent with it), never at 0.
+        ({"max_output_tokens": -100_000}, DEFAULT),
+        ({"max_output_tokens": -1, "thinking_budget": 10}, DEFAULT + 10),
         ({"max_output_tokens": 10**15}, MAX_OUTPUT_TOKENS),  # nor one that overflows a column
     ],
 )
