@@ -85,9 +85,7 @@ def apply(conn: Any, settles: Sequence[Settlement], reserves: Sequence[ReserveRe
     # Settlements: replace reservations by actual cost (0 when the request failed).
     deltas: dict[tuple[int, datetime], list[int]] = {}  # (budget, period) -> [held, actual]
     for st in settles:
-        held = {int(r.budget_id): int(r.amount_nusd) for r in conn.execute(_HELD_BY, {"rid": st.request_id})}
-        if held:
-            conn.execute(_UNRESERVE, {"rid": st.request_id})
+        held = {int(r.budget_id): int(r.amount_nusd) for r in conn.execute(_UNRESERVE, {"rid": st.request_id})}
         for ref in st.refs:
             d = deltas.setdefault((ref.budget_id, ref.period_start), [0, 0])
             d[0] += held.get(ref.budget_id, 0)
@@ -105,7 +103,7 @@ def apply(conn: Any, settles: Sequence[Settlement], reserves: Sequence[ReserveRe
     remaining: list[int | None] = [None] * len(reserves)
     for row in sorted(set(deltas) | set(wants)):
         key = {"b": row[0], "ps": row[1]}
-        conn.execute(_ENSURE_SPEND, key)
+        ensured = row not in wants  # a settled row was created by its reservation
         if row in deltas:
             held_sum, actual_sum = deltas[row]
             conn.execute(_SETTLE, {**key, "held": held_sum, "actual": actual_sum})
@@ -114,6 +112,10 @@ def apply(conn: Any, settles: Sequence[Settlement], reserves: Sequence[ReserveRe
                 continue
             rq = reserves[i]
             now_row = conn.execute(_HOLD, {**key, "amt": rq.amount_nusd}).first()
+            if now_row is None and not ensured:  # the period's first hold on this cap: create its row
+                conn.execute(_ENSURE_SPEND, key)
+                ensured = True
+                now_row = conn.execute(_HOLD, {**key, "amt": rq.amount_nusd}).first()
             if now_row is None:  # the cap would be passed: read why, for the message
                 now_row = conn.execute(_HELD, key).one()
                 b = budget_of[(i, row[0])]
@@ -210,8 +212,8 @@ _RESERVE = sa.text(
 ).bindparams(ts_param("ps"), ts_param("exp"))
 
 
-_HELD_BY = sa.text("SELECT budget_id, amount_nusd FROM reservations WHERE request_id = :rid")
-_UNRESERVE = sa.text("DELETE FROM reservations WHERE request_id = :rid")
+# RETURNING (as in _HOLD): PostgreSQL, and SQLite >= 3.35.
+_UNRESERVE = sa.text("DELETE FROM reservations WHERE request_id = :rid RETURNING budget_id, amount_nusd")
 _SETTLE = sa.text(
     "UPDATE budget_spend SET reserved_nusd = reserved_nusd - :held, spent_nusd = spent_nusd + :actual "
     "WHERE budget_id = :b AND period_start = :ps"
