@@ -64,12 +64,20 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=n * _UNIT_SECONDS[unit])
 
 
-def parse_when(text: str) -> datetime:
+def _iso_utc(text: str) -> datetime | None:
+    """An ISO date or time, in UTC unless it says otherwise; None when it is not one."""
     try:
         d = datetime.fromisoformat(text)
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not an ISO date or time, e.g. 2026-12-31 or 2026-12-31T18:00") from None
+        return None
     return d.replace(tzinfo=timezone.utc) if d.tzinfo is None else d.astimezone(timezone.utc)
+
+
+def parse_when(text: str) -> datetime:
+    d = _iso_utc(text)
+    if d is None:
+        raise typer.BadParameter(f"{text!r} is not an ISO date or time, e.g. 2026-12-31 or 2026-12-31T18:00")
+    return d
 
 
 _AGO = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")  # a unit is required: "2026" alone is a year
@@ -87,13 +95,11 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     m = _AGO.match(word)
     if m:
         return now - timedelta(seconds=int(m.group(1)) * _UNIT_SECONDS[m.group(2)])
-    try:
-        d = datetime.fromisoformat(text.strip())
-    except ValueError:
+    d = _iso_utc(text.strip())
+    if d is None:
         raise typer.BadParameter(f"{text!r} is not a time: write an ISO date or time (2026-12-31, "
-                                 "2026-12-31T18:00), a span back from now (30m, 24h, 7d, 2w), today or yesterday"
-                                 ) from None
-    return d.replace(tzinfo=timezone.utc) if d.tzinfo is None else d.astimezone(timezone.utc)
+                                 "2026-12-31T18:00), a span back from now (30m, 24h, 7d, 2w), today or yesterday")
+    return d
 
 
 _TIME_HELP = "ISO date or time (UTC), or 30m / 24h / 7d ago, or today / yesterday."

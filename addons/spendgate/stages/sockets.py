@@ -194,10 +194,10 @@ class Sockets:
         sock.pending.append(pending)
 
     async def _admit(self, sock: _Socket, mc: ModelCall, key: KeyRecord | None, size: int,
-                     cancel: tuple[bytes | None, str | None] | None = None) -> _Pending | None:
+                     running: bool = False, cancel: bytes | None = None) -> _Pending | None:
         """The call, admitted by the HTTP stages; None (and an error event said) when one refused it.
-        `cancel`: the call is already running upstream; a refusal stops it with this message
-        (None: by closing the socket)."""
+        `running`: the call already runs upstream; a refusal stops it with `cancel`, or, where the
+        protocol has no such message, by closing the socket."""
         up = sock.upgrade
         call = Call(new_request_id(), up.provider, up.host, client_addr=up.client_addr, user_agent=up.user_agent,
                     key=key, byok_key=up.byok_key, endpoint_kind=mc.kind, model_requested=mc.model, stream=True,
@@ -220,11 +220,11 @@ class Sockets:
         if sub.response is None:
             return _Pending(sub, call, client_event_id=mc.client_event_id)
         status, code = call.status_code or 403, call.error or "spendgate_refused"
-        if cancel is not None and cancel[0] is not None:
-            self.inject(WebSocketMessageInjected(sock.flow, WebSocketMessage(Opcode.TEXT, True, cancel[0])))
+        if running and cancel is not None:
+            self.inject(WebSocketMessageInjected(sock.flow, WebSocketMessage(Opcode.TEXT, True, cancel)))
         self._say(sock, status, code, _message_of(sub.response), mc.client_event_id,
                   close=call.outcome is Outcome.BLOCKED_CAP or not sock.protocol.error_events
-                  or (cancel is not None and cancel[0] is None))
+                  or (running and cancel is None))
         await self._end(sub)
         return None
 
@@ -269,7 +269,7 @@ class Sockets:
         if sock.upgrade.key is not None and (key is None or _invalid(key)):
             self._close_for_key(sock, key)
             return
-        pending = await self._admit(sock, mc, key, 0, cancel=(sock.protocol.cancel(response_id), response_id))
+        pending = await self._admit(sock, mc, key, 0, running=True, cancel=sock.protocol.cancel(response_id))
         if pending is not None:
             pending.response_id = response_id
             sock.pending.append(pending)
