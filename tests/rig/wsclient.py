@@ -11,12 +11,15 @@ given context, then the upgrade. The ``openai`` SDK's ``responses.connect()`` /
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
+
+log = logging.getLogger(__name__)
 
 OPENAI_WSS = "wss://api.openai.com"
 GEMINI_WSS = "wss://generativelanguage.googleapis.com"
@@ -31,9 +34,24 @@ def ws_open(gw: Any, url: str, key: str | None = None, *, user: str = "dev", hea
             compression: str | None = "deflate", timeout: float = 10.0) -> ClientConnection:
     """A WebSocket to ``url`` through ``gw``: the key (if any) is the proxy password.
 
-    Raises ``websockets.exceptions.InvalidStatus`` when the upgrade is answered with an HTTP status."""
-    return connect(url, proxy=gw.proxy_url(key, user), ssl=gw.ssl_context(), additional_headers=headers or {},
-                   open_timeout=timeout, close_timeout=2, compression=compression, max_size=None)
+    Raises ``websockets.exceptions.InvalidStatus`` when the upgrade is answered with an HTTP status.
+
+    One retry when no answer to the upgrade comes at all: about once in a few hundred sockets on this
+    machine under load, the upgrade sent after TLS never reaches the gateway's stages (no log line,
+    no audit row, no upstream connection; the gateway idle in its event loop), not yet explained (see
+    the closing note: possibly TLS 1.3 data sent with the client's Finished). The retry is a fresh
+    connection; a gateway that never answers still fails the test."""
+    def attempt() -> ClientConnection:
+        return connect(url, proxy=gw.proxy_url(key, user), ssl=gw.ssl_context(), additional_headers=headers or {},
+                       open_timeout=timeout, close_timeout=2, compression=compression, max_size=None)
+
+    try:
+        return attempt()
+    except TimeoutError as e:
+        if "handshake response" not in str(e):
+            raise
+        log.warning("ws_open: no answer to the upgrade within %.0f s; one retry", timeout)
+        return attempt()
 
 
 def sdk_ws_options(gw: Any, key: str | None, user: str = "dev") -> dict[str, Any]:
