@@ -1,7 +1,11 @@
 """The request's path: one mitmproxy addon per stage, run in list order by the `Pipeline`.
 
     tls → routing → onboarding files → identity → destinations → rate limit → policy → sockets → budget → meter
-        → forward → record → metrics → alerts
+        → record → budget admission → forward → metrics → alerts
+
+`Budgets` decides what to hold, `Record` commits the write-ahead audit row with that reservation
+(one round trip to the store), `BudgetAdmission` admits or refuses on its result, and `Forward`
+sets the upstream key last, on a request every stage let go.
 
 Within one mitmproxy event the stages run in this order: a refusal by an early stage is seen
 by the later ones (`flow.response` is set) and they step aside. When a request ends, each
@@ -19,7 +23,7 @@ from spendgate.metrics import Metrics
 from spendgate.pricing import Pricer
 from spendgate.settings import Settings
 from spendgate.stages.alerts import AlertFeed, Observer
-from spendgate.stages.budget import Budgets, CapRules
+from spendgate.stages.budget import BudgetAdmission, Budgets, CapRules
 from spendgate.stages.estimate import Estimator
 from spendgate.stages.forward import Forward
 from spendgate.stages.identity import Identity, Keys
@@ -68,6 +72,7 @@ def build_stages(
                    CapRules(timedelta(seconds=budgets.reservation_ttl_seconds), budgets.fail_closed,
                             budgets.clamp_output, budgets.min_output_tokens, frozenset(budgets.allow_unmetered)))
     record = Record(writer, instance_id, settings.audit.capture_content, budgets.fail_closed, release)
+    admission = BudgetAdmission(caps)
     stages: list[object] = [
         TlsPolicy(routes.is_model_host, routes.verify_upstream),
         Routing(routes.provider_for, targets),
@@ -78,11 +83,12 @@ def build_stages(
         ratelimit,
         Policy(proxy.max_request_bytes),
         # A WebSocket's model calls are admitted by the same stages as a request, one by one.
-        Sockets(registry, [ratelimit.requestheaders, caps.request, record.request]),
+        Sockets(registry, [ratelimit.requestheaders, caps.request, record.request, admission.request]),
         caps,
         Meter(pricer, estimator),
-        Forward(Redactor(secrets)),
         record,
+        admission,
+        Forward(Redactor(secrets)),
         MetricsStage(metrics, model_label),
     ]
     if alerts is not None:

@@ -1,7 +1,10 @@
 """Stage: caps, checked before the request goes upstream.
 
 For a caller under a cap, the request's cost is estimated (`Estimator`: the prompt, and every
-answer it asks for) and reserved atomically against every cap that applies. What cannot be
+answer it asks for) and reserved atomically against every cap that applies. The stage works in
+two halves around `Record`: `Budgets.request` decides the amount (`call.ask`), `Record` takes it
+in the commit of the request's write-ahead audit row, and `BudgetAdmission` admits, lowers the
+output limit or refuses. What cannot be
 estimated is refused: a model without a price (unless `[prices] unknown_model = "fallback"`) and
 endpoints the gateway cannot price up front (unless named in `[budgets] allow_unmetered`).
 
@@ -24,7 +27,7 @@ from spendgate.money import MAX_NANO, Nano, to_nano, usd_text
 from spendgate.pricing import CostSource, Pricer, price_line
 from spendgate.providers import adapter_for
 from spendgate.providers.wire import Usage
-from spendgate.stages.call import Call, Hold, Outcome, get_call, refuse
+from spendgate.stages.call import Call, CapAsk, Hold, Outcome, get_call, refuse
 from spendgate.stages.estimate import Estimator, clampable
 from spendgate.store.budgets import Blocked, BudgetDef, ReserveRequest, ReserveResult
 from spendgate.store.models import utcnow
@@ -75,10 +78,11 @@ class Budgets:
         return self._nusd(call, await self.estimator.usage(call))
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        """Decide what to hold (`call.ask`); `Record` takes it with the audit row, `admit` reads the result."""
         call = get_call(flow)
         if call is None or flow.response is not None or call.key is None:
             return
-        budgets = self.budgets_for(call.key.user, call.key.team)
+        budgets = tuple(self.budgets_for(call.key.user, call.key.team))
         if not budgets:
             return  # no cap: served whatever it costs, and recorded
         if self._refused_unmeasurable(flow, call):
@@ -86,12 +90,7 @@ class Budgets:
         now = self.clock()
         if not call.endpoint_kind.metered or call.upgrade:
             # Nothing to price (a listing, a file, a WebSocket upgrade): only whether a cap is reached.
-            result = await self._reserve(flow, call, budgets, Nano(0), now)
-            if result is not None and result.blocked is not None:
-                self._refuse_cap(flow, call, result.blocked, Nano(0), now)
-            elif result is not None:
-                call.hold = Hold(Nano(0), result.refs, result.remaining_nusd)
-                self.on_hold(call.request_id)
+            call.ask = CapAsk(self._ask(call, budgets, Nano(0), now), None, priced=False)
             return
         bound = self.estimator.bound(call)
         amount = self._nusd(call, bound) if bound is not None else Nano(MAX_NANO)
@@ -99,19 +98,41 @@ class Budgets:
             # A small request against its caps: an upper bound is held without counting a token,
             # and settlement replaces it by the actual cost. If even that does not fit, or the
             # request is large next to a cap, it is counted exactly (and its output limit lowered).
-            result = await self._reserve(flow, call, budgets, amount, now)
-            if result is None:
-                return
-            if result.blocked is None:
-                self._send_what_is_held(call, None)
-                call.hold = Hold(amount, result.refs, result.remaining_nusd)
-                self.on_hold(call.request_id)
-                return
+            call.ask = CapAsk(self._ask(call, budgets, amount, now), None)
+            return
         usage = await self.estimator.usage(call)
-        amount = self._nusd(call, usage)
-        result = await self._reserve(flow, call, budgets, amount, now)
+        call.ask = CapAsk(self._ask(call, budgets, self._nusd(call, usage), now), usage)
+
+    def _ask(self, call: Call, budgets: tuple[BudgetDef, ...], amount: Nano, now: datetime) -> ReserveRequest:
+        return ReserveRequest(call.request_id, budgets, amount, now, self.rules.reservation_ttl)
+
+    async def admit(self, flow: http.HTTPFlow) -> None:
+        """The ask's result: hold it, or count exactly, lower the output limit or refuse."""
+        call = get_call(flow)
+        if call is None or flow.response is not None or call.ask is None:
+            return
+        ask = call.ask
+        result = ask.result or await self._reserve(flow, call, ask.request)  # none if Record did not take it
         if result is None:
             return
+        if not ask.priced:
+            if result.blocked is not None:
+                self._refuse_cap(flow, call, result.blocked, Nano(0), ask.request.now)
+            else:
+                self._hold(call, Nano(0), result)
+            return
+        if ask.counted is None:
+            if result.blocked is None:
+                self._send_what_is_held(call, None)
+                self._hold(call, Nano(ask.request.amount_nusd), result)
+                return
+            usage = await self.estimator.usage(call)  # the bound did not fit: count exactly
+            result = await self._reserve(flow, call, self._with_amount(ask.request, self._nusd(call, usage)))
+            if result is None:
+                return
+        else:
+            usage = ask.counted
+        amount = self._nusd(call, usage)
         limited: int | None = None
         tries = 0
         while result.blocked is not None and self.rules.clamp_output and clampable(call) and tries < _CLAMP_TRIES:
@@ -121,14 +142,21 @@ class Budgets:
                 break
             usage = self.estimator.with_output(usage, fit, call.choices)
             amount = self._nusd(call, usage)
-            result = await self._reserve(flow, call, budgets, amount, now)
+            result = await self._reserve(flow, call, self._with_amount(ask.request, amount))
             if result is None:
                 return
             limited = fit
         if result.blocked is not None:
-            self._refuse_cap(flow, call, result.blocked, amount, now)
+            self._refuse_cap(flow, call, result.blocked, amount, ask.request.now)
             return
         self._send_what_is_held(call, limited)
+        self._hold(call, amount, result)
+
+    @staticmethod
+    def _with_amount(request: ReserveRequest, amount: Nano) -> ReserveRequest:
+        return ReserveRequest(request.request_id, request.budgets, amount, request.now, request.ttl)
+
+    def _hold(self, call: Call, amount: Nano, result: ReserveResult) -> None:
         call.hold = Hold(amount, result.refs, result.remaining_nusd)
         self.on_hold(call.request_id)
 
@@ -176,11 +204,9 @@ class Budgets:
             return True
         return False
 
-    async def _reserve(self, flow: http.HTTPFlow, call: Call, budgets: Sequence[BudgetDef], amount: Nano,
-                       now: datetime) -> ReserveResult | None:
+    async def _reserve(self, flow: http.HTTPFlow, call: Call, request: ReserveRequest) -> ReserveResult | None:
         try:
-            return await self.reserve(ReserveRequest(call.request_id, tuple(budgets), amount, now,
-                                                     self.rules.reservation_ttl))
+            return await self.reserve(request)
         except Exception as e:
             log.error("budget reservation failed: %s", type(e).__name__)
             if self.rules.fail_closed:
@@ -226,6 +252,7 @@ class Budgets:
         call.blocked = b
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Tell the caller what is left under their tightest cap, and that the output limit was lowered."""
         call = get_call(flow)
         if call is None or flow.response is None or call.hold is None:
             return
@@ -233,3 +260,10 @@ class Budgets:
             flow.response.headers[REMAINING_HEADER] = usd_text(max(0, call.hold.remaining_nusd), places=6)
         if call.output_limited is not None:
             flow.response.headers[LIMITED_HEADER] = str(call.output_limited)
+
+
+class BudgetAdmission:
+    """The second half of the caps stage, after `Record` took the ask with the audit row."""
+
+    def __init__(self, budgets: Budgets) -> None:
+        self.request = budgets.admit

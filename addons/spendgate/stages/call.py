@@ -1,9 +1,9 @@
 """The per-request record the stages share (`flow.metadata["spendgate"]`), in typed parts.
 
 Each part has one writer: `Routing` makes the Call, `Identity` sets `key`, `Policy` what the
-request is, `Budgets` the `hold`, `Meter` the `metering`, `Record` the `audit` state and the
-outcome of requests that reached an upstream, the `Pipeline` the `timing`. A stage that refuses
-sets `outcome` through `refuse()`.
+request is, `Budgets` the `ask` (`Record` its result) and the `hold`, `Meter` the `metering`,
+`Record` the `audit` state and the outcome of requests that reached an upstream, the `Pipeline`
+the `timing`. A stage that refuses sets `outcome` through `refuse()`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from spendgate.providers.stream import StreamTap
 from spendgate.providers.wire import EndpointKind, Upload, Usage, UsageSource
 from spendgate.settings import ProviderSettings
 from spendgate.store.audit import AuditRow
-from spendgate.store.budgets import Blocked, BudgetRef
+from spendgate.store.budgets import Blocked, BudgetRef, ReserveRequest, ReserveResult
 from spendgate.store.models import utcnow
 
 META = "spendgate"
@@ -77,6 +77,18 @@ class Hold:
     estimate_nusd: Nano
     refs: tuple[BudgetRef, ...] = ()
     remaining_nusd: int | None = None  # the tightest cap's headroom after this hold
+
+
+@dataclass(slots=True)
+class CapAsk:
+    """What `Budgets` asks to hold before the request may go. `Record` takes it in the commit of the
+    request's audit row (one round trip to the store, not two) and sets `result`; `BudgetAdmission`
+    then admits, lowers the output limit or refuses."""
+
+    request: ReserveRequest
+    counted: Usage | None  # the exact estimate; None: an upper bound, counted exactly if it does not fit
+    priced: bool = True  # False: nothing to price (a listing, an upgrade), only whether a cap is reached
+    result: ReserveResult | None = None
 
 
 @dataclass(slots=True)
@@ -139,6 +151,7 @@ class Call:
     status_code: int | None = None
     error: str | None = None
     blocked: Blocked | None = None  # the cap that refused it
+    ask: CapAsk | None = None
     hold: Hold | None = None
     metering: Metering = field(default_factory=Metering)
     capture: Capture | None = None

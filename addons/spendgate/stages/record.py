@@ -1,4 +1,5 @@
-"""Stage: the audit record. The row is committed before the request goes upstream and completed
+"""Stage: the audit record. The row is committed before the request goes upstream, with the key's
+rate count and the caps' reservation (`call.ask`) in the same commit, and completed
 when it ends, in one writer item with the budget settlement and any captured content; refusals
 get a row too. Content only for keys with capture on.
 
@@ -127,9 +128,10 @@ class Record:
             call.capture = Capture(reason)
         key = call.key
         rate = RateCheck(key.key_id, key.rpm, utcnow()) if key is not None and key.rpm else None
+        ask = call.ask
         try:
-            counted = await self.writer.begin(self._fit(call, audit_row(flow, call, self.instance_id, ended=False)),
-                                              rate)
+            begun = await self.writer.begin(self._fit(call, audit_row(flow, call, self.instance_id, ended=False)),
+                                            rate, ask.request if ask is not None else None)
         except AuditUnavailable as e:
             call.audit.begin_failed = str(e)
             if self.fail_closed:
@@ -141,6 +143,9 @@ class Record:
             log.error("audit row not committed (%s); forwarding because budgets.fail_closed = false", e)
             return
         call.audit.begun = True
+        if ask is not None:
+            ask.result = begun.reserved  # `BudgetAdmission` admits or refuses on it
+        counted = begun.rate
         if counted is not None and not counted.allowed and key is not None:
             # Counted in the store every instance shares: the limit holds for the key in total.
             refuse(flow, call, 429, "spendgate_rate_limited",

@@ -1,6 +1,7 @@
 """The audit writer: a background thread that commits rows in groups.
 
-A request about to go upstream awaits only its own reservation and row (`reserve`, `begin`);
+A request about to go upstream awaits only its own row, taken with its rate count and its caps'
+reservation in one commit (`begin`; `reserve` again only when an output limit is lowered);
 a finished request is one `Finished` item (its row's completion, its budget settlement and its
 captured content), so all three are committed in one transaction or not at all. While one batch
 commits, the next one gathers, so throughput grows with load instead of per-row fsyncs.
@@ -41,10 +42,18 @@ class Finished:
 
 @dataclass(frozen=True)
 class Begin:
-    """A request about to go upstream: its row, and its key's `--rpm` count taken in the same commit."""
+    """A request about to go upstream: its row, with its key's `--rpm` count and its caps'
+    reservation taken in the same commit (the reservation only if the rate limit lets it go)."""
 
     row: AuditRow
     rate: RateCheck | None = None
+    reserve: ReserveRequest | None = None
+
+
+@dataclass(frozen=True)
+class Begun:
+    rate: RateResult | None = None
+    reserved: ReserveResult | None = None
 
 
 Payload = Union[Begin, Finished, ReserveRequest]
@@ -102,11 +111,13 @@ class AuditWriter:
 
     # -- producers (event loop) -----------------------------------------------
 
-    async def begin(self, row: AuditRow, rate: RateCheck | None = None) -> RateResult | None:
+    async def begin(self, row: AuditRow, rate: RateCheck | None = None,
+                    reserve: ReserveRequest | None = None) -> Begun:
         """Insert the "did it happen" row and wait until it is committed. Raises if it cannot be.
-        With `rate`, the key's request is counted in the same commit: the result says if it may go."""
-        result: RateResult | None = await self._wait(_Item("begin", Begin(row, rate)))
-        return result
+        With `rate`, the key's request is counted in the same commit, and with `reserve` its
+        estimate is held against its caps there: the result says if it may go."""
+        result = await self._wait(_Item("begin", Begin(row, rate, reserve)))
+        return result if isinstance(result, Begun) else Begun()
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         """Hold a request's estimate against its caps, committed with this batch. Raises if it cannot be."""
@@ -196,29 +207,41 @@ class AuditWriter:
         completions: list[AuditRow] = []
         contents: list[ContentRow] = []
         settles: list[Settlement] = []
-        reserve_items = [i for i in batch if i.kind == "reserve"]
-        rate_items: list[_Item] = []
+        reserving: list[tuple[_Item, ReserveRequest]] = []
+        begins: list[_Item] = []
         for item in batch:
             p = item.payload
             if isinstance(p, Begin):
                 inserts.append(p.row)
-                if p.rate is not None:
-                    rate_items.append(item)
+                if p.rate is not None or p.reserve is not None:
+                    begins.append(item)
             elif isinstance(p, Finished):
                 (completions if p.begun else inserts).append(p.row)
                 if p.content is not None:
                     contents.append(p.content)
                 if p.settlement is not None:
                     settles.append(p.settlement)
+            else:
+                reserving.append((item, p))
         with self._db.engine.begin() as conn:
             audit.write(conn, inserts, completions, contents)
-            if settles or reserve_items:
-                results = budgets.apply(conn, settles, [i.payload for i in reserve_items])  # type: ignore[misc]
-                for item, result in zip(reserve_items, results):
-                    item.result = result
-            for item in rate_items:
-                assert isinstance(item.payload, Begin) and item.payload.rate is not None
-                item.result = ratelimits.take(conn, item.payload.rate)
+            rates: dict[int, RateResult] = {}
+            for item in sorted(begins, key=_rate_order):  # the rows' lock order, as budgets.apply's
+                p = item.payload
+                assert isinstance(p, Begin)
+                if p.rate is not None:
+                    rates[id(item)] = ratelimits.take(conn, p.rate)
+                if p.reserve is not None and rates.get(id(item), _ALLOWED).allowed:
+                    reserving.append((item, p.reserve))
+            results: list[ReserveResult] = []
+            if settles or reserving:
+                results = budgets.apply(conn, settles, [r for _, r in reserving])
+        reserved = {id(item): result for (item, _), result in zip(reserving, results)}
+        for item in batch:
+            if item.kind == "reserve":
+                item.result = reserved[id(item)]
+            elif item.kind == "begin":
+                item.result = Begun(rates.get(id(item)), reserved.get(id(item)))
 
     def _commit(self, batch: list[_Item]) -> list[_Item]:
         """Commit a batch; returns the items to try again later (the store is down)."""
@@ -328,13 +351,21 @@ class AuditWriter:
                 pass
 
 
+_ALLOWED = RateResult(True)
+
+
+def _rate_order(item: _Item) -> str:
+    p = item.payload
+    return p.rate.key_id if isinstance(p, Begin) and p.rate is not None else ""
+
+
 def _salvage(item: _Item, e: Exception) -> list[_Item]:
     """The item without the free text the store rejects, saying so in `error`, barest last; none for a
     reservation. A finished request's content goes before its completion and settlement do: the
     content row may be what the store rejects (a conflict), and the other two must still land."""
     p = item.payload
     if isinstance(p, Begin):
-        return [_Item(item.kind, Begin(_bare(p.row, e), p.rate), item.done, item.loop, item.attempts)]
+        return [_Item(item.kind, Begin(_bare(p.row, e), p.rate, p.reserve), item.done, item.loop, item.attempts)]
     if isinstance(p, Finished):
         row = _bare(p.row, e)
         out = []

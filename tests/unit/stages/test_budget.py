@@ -21,10 +21,11 @@ from mitmproxy.test import tflow
 from spendgate.money import usd_text
 from spendgate.pricing import PriceOverride, Pricer
 from spendgate.settings import parse_settings
-from spendgate.stages.budget import REMAINING_HEADER, Budgets, CapRules
+from spendgate.stages.budget import REMAINING_HEADER, BudgetAdmission, Budgets, CapRules
 from spendgate.stages.call import META, Call, Outcome, new_request_id
 from spendgate.stages.estimate import Estimator
 from spendgate.stages.policy import Policy
+from spendgate.stages.record import Record
 from spendgate.store import Database
 from spendgate.store import budgets as ledger_sql
 from spendgate.store.budgets import BudgetLedger, Settlement
@@ -88,7 +89,8 @@ PRICES = {"openai:gpt-4o": PriceOverride.parse({"input": 100, "output": 10000})}
 
 
 class Stage:
-    """A Budgets stage on a real store and key registry, with a fake clock."""
+    """The caps stage's two halves on a real store and key registry, with a fake clock, around the
+    real `Record`: as in the gateway, the reservation is taken in the commit of the audit row."""
 
     def __init__(self, db: Database, now: datetime, default_max_output_tokens: int = 20, clamp: bool = False) -> None:
         self.db = db
@@ -104,6 +106,14 @@ class Stage:
                                Estimator(b.default_max_output_tokens),
                                CapRules(TTL, b.fail_closed, clamp_output=clamp, min_output_tokens=5), clock=self.clock)
         self.policy = Policy(self.settings.proxy.max_request_bytes)
+        self.record = Record(self.writer, "test", False, True, LiveHolds().discard)
+
+    async def admit(self, f: http.HTTPFlow) -> None:
+        """Budgets, Record and BudgetAdmission, as the pipeline runs them on a request."""
+        for stage in (self.budgets.request, self.record.request, BudgetAdmission(self.budgets).request):
+            if f.response is not None:
+                return
+            await stage(f)
 
     def key(self, user: str, team: str | None = None) -> Any:
         key_id, _ = self.store.create_key(user, team=team, actor="test")
@@ -119,7 +129,7 @@ class Stage:
                                 host="api.openai.com", key=key)
         asyncio.run(self.policy.request(f))
         if f.response is None:  # (a request the policy stage refuses never reaches the budget stage)
-            asyncio.run(self.budgets.request(f))
+            asyncio.run(self.admit(f))
         return f
 
     def finish(self, f: http.HTTPFlow, actual_nusd: int) -> None:
@@ -259,3 +269,42 @@ def test_a_small_request_far_from_its_cap_holds_an_upper_bound_without_counting(
     g = st.request(key, body)
     exact = g.metadata[META].hold.estimate_nusd
     assert g.response is None and 6 * CENT < exact < hold.estimate_nusd
+
+
+def test_a_capped_request_is_held_in_the_commit_of_its_audit_row(db: Database) -> None:
+    """One round trip to the store before the request may go: its write-ahead audit row, its rate
+    count and its reservation in one transaction (the writer's batches), not one commit each."""
+    st = Stage(db, utc(2026, 7, 1, 12))
+    st.store.set_budget("user", "gina", CAP, "day", actor="test")
+    key = st.key("gina")
+    before = st.writer.stats.batches
+    f = st.request(key, chat(max_tokens=6))
+    call = f.metadata[META]
+    assert f.response is None and call.audit.begun and call.hold.refs
+    assert st.writer.stats.batches - before == 1
+    assert status(db, st.clock.now, "user", "gina")["reserved_nusd"] == call.hold.estimate_nusd
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT outcome FROM audit_log WHERE id = :i"),
+                            {"i": call.request_id}).scalar() == "incomplete"
+    blocked = st.request(key, chat(max_tokens=6))  # $0.12 in flight would pass the cap: refused after its row
+    assert blocked.response is not None and blocked.metadata[META].outcome is Outcome.BLOCKED_CAP
+    assert blocked.metadata[META].audit.begun and blocked.metadata[META].hold is None
+    assert status(db, st.clock.now, "user", "gina")["reserved_nusd"] == call.hold.estimate_nusd
+
+
+def test_a_request_over_its_rate_limit_holds_nothing(db: Database) -> None:
+    """The rate count and the reservation share a commit: a request the limit refuses must not
+    leave a hold behind it (nobody would settle it before it expired)."""
+    st = Stage(db, utc(2026, 7, 1, 12))
+    st.store.set_budget("user", "hank", CAP, "day", actor="test")
+    key_id, _ = st.store.create_key("hank", rpm=1, actor="test")
+    st.registry.refresh()
+    key = st.registry.get(key_id)
+    first = st.request(key, chat(max_tokens=1))
+    assert first.response is None
+    held = status(db, st.clock.now, "user", "hank")["reserved_nusd"]
+    assert held == first.metadata[META].hold.estimate_nusd > 0
+    second = st.request(key, chat(max_tokens=1))
+    assert second.response is not None and second.metadata[META].outcome is Outcome.BLOCKED_RATE
+    assert second.metadata[META].hold is None
+    assert status(db, st.clock.now, "user", "hank")["reserved_nusd"] == held

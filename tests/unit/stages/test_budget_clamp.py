@@ -52,7 +52,7 @@ class ClampStage(Stage):
         tcall(f, provider=tprovider(provider), key=key)
         asyncio.run(self.policy.request(f))
         if f.response is None:
-            asyncio.run(self.budgets.request(f))
+            asyncio.run(self.admit(f))
         return f
 
 

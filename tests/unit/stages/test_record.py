@@ -18,10 +18,10 @@ from spendgate.providers.wire import EndpointKind, Usage, UsageSource
 from spendgate.stages.call import Hold, Outcome, client_gone
 from spendgate.stages.record import Record, audit_row
 from spendgate.store.audit import AuditRow
-from spendgate.store.budgets import BudgetRef
+from spendgate.store.budgets import BudgetRef, ReserveRequest
 from spendgate.store.models import utcnow
 from spendgate.store.ratelimits import RateCheck, RateResult
-from spendgate.store.writer import AuditUnavailable, Finished
+from spendgate.store.writer import AuditUnavailable, Begun, Finished
 from spendgate.testing import tcall, tflow, tkey, tresponse
 
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -35,11 +35,12 @@ class Writer:
         self.begun: list[AuditRow] = []
         self.finished: list[Finished] = []
 
-    async def begin(self, row: AuditRow, rate: RateCheck | None = None) -> RateResult | None:
+    async def begin(self, row: AuditRow, rate: RateCheck | None = None,
+                    reserve: ReserveRequest | None = None) -> Begun:
         if self.fail:
             raise AuditUnavailable("OperationalError")
         self.begun.append(row)
-        return None if rate is None else RateResult(True)
+        return Begun(None if rate is None else RateResult(True))
 
     def finish(self, item: Finished) -> None:
         self.finished.append(item)
