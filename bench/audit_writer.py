@@ -162,7 +162,7 @@ def transaction_costs(name: str, store: Database) -> None:
     from spendgate.store import audit
 
     def write(inserts: list[AuditRow], completions: list[AuditRow]) -> None:
-        with store.engine.begin() as conn:  # what the writer does for one batch without budget items
+        with store.transaction() as conn:  # what the writer does for one batch without budget items
             audit.write(conn, inserts, completions, [])
 
     def per_call(inserts: int, updates: int, calls: int) -> tuple[float, float]:

@@ -102,11 +102,11 @@ def store_level(label: str, url: str, n: int) -> None:
 
     def reserve(rid: str, caps: list[BudgetDef], amt: int) -> ReserveResult:
         request = ReserveRequest(rid, tuple(caps), amt, datetime.now(timezone.utc), ttl)
-        with db.engine.begin() as conn:
+        with db.transaction() as conn:
             return budgets.apply(conn, [], [request])[0]
 
     def settle(rid: str, result: ReserveResult, actual: int) -> None:
-        with db.engine.begin() as conn:
+        with db.transaction() as conn:
             budgets.apply(conn, [Settlement(rid, result.refs, actual)], [])
 
     def cycle(caps: list[BudgetDef]) -> tuple[list[float], list[float]]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import getpass
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from spendgate.store.models import UTCDateTime
+from spendgate.store.plain import Link, Transaction
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -126,6 +129,20 @@ class Database:
         raise SchemaError(f"database schema at {where} is at revision {current}, this Spendgate needs {head}: "
                           "run `spendgate db upgrade`")
 
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One transaction of the hot path's prepared statements (`store.plain`), committed at the end."""
+        link = self.link()
+        try:
+            with link.transaction() as tx:
+                yield tx
+        finally:
+            link.close()
+
+    def link(self) -> Link:
+        """A connection for one thread to keep (the audit writer's)."""
+        return Link(lambda: self.engine, self.is_sqlite)
+
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
@@ -142,5 +159,5 @@ class Database:
 
 
 def ts_param(name: str) -> Any:
-    """A bind parameter for a UTC timestamp in prepared SQL text."""
+    """A bind parameter for a UTC timestamp in SQL text run through SQLAlchemy."""
     return sa.bindparam(name, type_=UTCDateTime())

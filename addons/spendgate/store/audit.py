@@ -1,4 +1,4 @@
-"""The audit log: one row per request to a model host, and captured content (prepared SQL text).
+"""The audit log: one row per request to a model host, and captured content (prepared SQL, `plain`).
 
 `AuditRow` is the row: its fields are the table's columns (a test holds them to the model and the
 migrations), they drive the INSERT and UPDATE statements, and the CLI lists them. A row is inserted
@@ -14,8 +14,9 @@ from typing import Any, Sequence
 
 import sqlalchemy as sa
 
-from spendgate.store import Database, ts_param
+from spendgate.store import Database
 from spendgate.store.models import AuditRecord, CapturedContent
+from spendgate.store.plain import Prepared, Transaction
 
 
 @dataclass(slots=True, kw_only=True)
@@ -90,11 +91,11 @@ class ContentRow:
 _TIMES = ("started_at", "ended_at")
 
 
-def _statement(sql: str, cols: Sequence[str]) -> Any:
-    return sa.text(sql).bindparams(*[ts_param(c) for c in _TIMES if c in cols])
+def _statement(sql: str, cols: Sequence[str]) -> Prepared:
+    return Prepared(sql, [c for c in (*_TIMES, "captured_at") if c in cols])
 
 
-# Prepared text: these run for every request and SQL construction would cost more than the commit.
+# Prepared statements on the plain driver (`plain`): these run for every request.
 # Column names are quoted: `user` is reserved in PostgreSQL.
 _INSERT = _statement(
     "INSERT INTO audit_log (" + ", ".join(f'"{c}"' for c in COLUMNS) + ") VALUES ("
@@ -102,10 +103,13 @@ _INSERT = _statement(
 _COMPLETE = _statement(
     "UPDATE audit_log SET " + ", ".join(f'"{c}" = :{c}' for c in COMPLETION) + " WHERE id = :id",
     ("id", *COMPLETION))
-_CONTENT = sa.insert(CapturedContent.__table__)  # type: ignore[attr-defined]
+_CONTENT_COLUMNS = tuple(f.name for f in dataclasses.fields(ContentRow))
+_CONTENT = _statement(
+    "INSERT INTO audit_content (" + ", ".join(_CONTENT_COLUMNS) + ") VALUES ("
+    + ", ".join(f":{c}" for c in _CONTENT_COLUMNS) + ")", _CONTENT_COLUMNS)
 
 
-def write(conn: Any, inserts: Sequence[AuditRow], completions: Sequence[AuditRow],
+def write(conn: Transaction, inserts: Sequence[AuditRow], completions: Sequence[AuditRow],
           contents: Sequence[ContentRow]) -> None:
     """One batch's audit writes on the writer's connection (its transaction)."""
     if inserts:

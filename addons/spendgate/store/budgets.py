@@ -1,4 +1,4 @@
-"""Budget spend and reservations: the caps' hot path (prepared SQL text).
+"""Budget spend and reservations: the caps' hot path (prepared SQL through the plain driver, `plain`).
 
 A request's estimate is held against every cap that applies with one conditional UPDATE per
 cap, in the same group commit as the audit rows (`writer`); settlement replaces the hold by the
@@ -15,8 +15,9 @@ import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from spendgate.periods import period_end, period_start
-from spendgate.store import Database, ts_param
+from spendgate.store import Database
 from spendgate.store.models import Budget, BudgetSpend, Reservation, utcnow
+from spendgate.store.plain import Prepared, Transaction
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Settlement:
     actual_nusd: int
 
 
-def apply(conn: Any, settles: Sequence[Settlement], reserves: Sequence[ReserveRequest]) -> list[ReserveResult]:
+def apply(conn: Transaction, settles: Sequence[Settlement], reserves: Sequence[ReserveRequest]) -> list[ReserveResult]:
     """Settlements and reservations of one batch, in one pass over the budget rows.
 
     Each hold is one conditional UPDATE (spent + reserved + amount <= cap), so concurrent
@@ -80,7 +81,7 @@ def apply(conn: Any, settles: Sequence[Settlement], reserves: Sequence[ReserveRe
     visited in (budget, period) order, so two instances' batches cannot deadlock on
     PostgreSQL. A request refused by one of its caps gives back the holds it already took
     (rows this transaction has locked), so a reservation is all or none.
-    Plain SQL text: this runs for every capped request.
+    Prepared statements on the plain driver: this runs for every capped request.
     """
     # Settlements: replace reservations by actual cost (0 when the request failed).
     deltas: dict[tuple[int, datetime], list[int]] = {}  # (budget, period) -> [held, actual]
@@ -191,33 +192,33 @@ class BudgetLedger:
 
 
 # ON CONFLICT DO NOTHING: PostgreSQL and SQLite >= 3.24 both speak it.
-_ENSURE_SPEND = sa.text(
+_ENSURE_SPEND = Prepared(
     "INSERT INTO budget_spend (budget_id, period_start, spent_nusd, reserved_nusd) VALUES (:b, :ps, 0, 0) "
-    "ON CONFLICT DO NOTHING"
-).bindparams(ts_param("ps"))
-_HOLD = sa.text(
+    "ON CONFLICT DO NOTHING",
+    ("ps",))
+_HOLD = Prepared(
     "UPDATE budget_spend SET reserved_nusd = reserved_nusd + :amt "
     "WHERE budget_id = :b AND period_start = :ps "
     "AND spent_nusd + reserved_nusd + :amt <= (SELECT cap_nusd FROM budgets WHERE id = :b) "
     "AND spent_nusd + reserved_nusd < (SELECT cap_nusd FROM budgets WHERE id = :b) "
-    "RETURNING spent_nusd, reserved_nusd, (SELECT cap_nusd FROM budgets WHERE id = :b) AS cap"
-).bindparams(ts_param("ps"))
-_HELD = sa.text(
+    "RETURNING spent_nusd, reserved_nusd, (SELECT cap_nusd FROM budgets WHERE id = :b) AS cap",
+    ("ps",))
+_HELD = Prepared(
     "SELECT s.spent_nusd, s.reserved_nusd, b.cap_nusd AS cap FROM budget_spend s JOIN budgets b ON b.id = s.budget_id "
-    "WHERE s.budget_id = :b AND s.period_start = :ps"
-).bindparams(ts_param("ps"))
-_RESERVE = sa.text(
+    "WHERE s.budget_id = :b AND s.period_start = :ps",
+    ("ps",))
+_RESERVE = Prepared(
     "INSERT INTO reservations (request_id, budget_id, period_start, amount_nusd, expires_at) "
-    "VALUES (:rid, :b, :ps, :amt, :exp)"
-).bindparams(ts_param("ps"), ts_param("exp"))
+    "VALUES (:rid, :b, :ps, :amt, :exp)",
+    ("ps", "exp"))
 
 
 # RETURNING (as in _HOLD): PostgreSQL, and SQLite >= 3.35.
-_UNRESERVE = sa.text("DELETE FROM reservations WHERE request_id = :rid RETURNING budget_id, amount_nusd")
-_SETTLE = sa.text(
+_UNRESERVE = Prepared("DELETE FROM reservations WHERE request_id = :rid RETURNING budget_id, amount_nusd")
+_SETTLE = Prepared(
     "UPDATE budget_spend SET reserved_nusd = reserved_nusd - :held, spent_nusd = spent_nusd + :actual "
-    "WHERE budget_id = :b AND period_start = :ps"
-).bindparams(ts_param("ps"))
+    "WHERE budget_id = :b AND period_start = :ps",
+    ("ps",))
 
 
 def iter_chunks(items: Iterable[Any], n: int) -> Iterable[list[Any]]:

@@ -13,8 +13,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from spendgate.store.plain import Prepared, Transaction
 
 WINDOW_SECONDS = 60
 
@@ -32,18 +31,18 @@ class RateResult:
     retry_after: int = 0  # seconds, when not allowed
 
 
-_ENSURE = sa.text(
+_ENSURE = Prepared(
     "INSERT INTO rate_windows (key_id, minute, n, prev_n) VALUES (:k, :w, 0, 0) ON CONFLICT (key_id) DO NOTHING")
 # Roll the row into this minute: last minute's count becomes prev_n; older counts are gone.
-_ROLL = sa.text(
+_ROLL = Prepared(
     "UPDATE rate_windows SET prev_n = CASE WHEN minute = :w - 1 THEN n ELSE 0 END, n = 0, minute = :w "
     "WHERE key_id = :k AND minute <> :w")
-_TAKE = sa.text(
+_TAKE = Prepared(
     "UPDATE rate_windows SET n = n + 1 WHERE key_id = :k AND minute = :w AND prev_n * :weight + n + 1 <= :rpm")
-_READ = sa.text("SELECT n, prev_n FROM rate_windows WHERE key_id = :k")
+_READ = Prepared("SELECT n, prev_n FROM rate_windows WHERE key_id = :k")
 
 
-def take(conn: Connection, check: RateCheck) -> RateResult:
+def take(conn: Transaction, check: RateCheck) -> RateResult:
     """Count one request for the key if the limit allows it."""
     t = check.now.timestamp()
     window = int(t // WINDOW_SECONDS)

@@ -86,6 +86,7 @@ class AuditStats:
 class AuditWriter:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._link = db.link()  # the writer thread's own connection: its batches need no pool checkout
         self._q: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pending = 0
@@ -103,6 +104,8 @@ class AuditWriter:
             return
         self._q.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._link.close()
         self._thread = None
 
     @property
@@ -223,7 +226,7 @@ class AuditWriter:
                     settles.append(p.settlement)
             else:
                 reserving.append((item, p))
-        with self._db.engine.begin() as conn:
+        with self._link.transaction() as conn:
             audit.write(conn, inserts, completions, contents)
             rates: dict[int, RateResult] = {}
             for item in sorted(begins, key=_rate_order):  # the rows' lock order, as budgets.apply's

@@ -95,10 +95,10 @@ def evaluator(st: Stores, cfg: Settings | None = None, **kw: Any) -> tuple[Alert
 def spend(st: Stores, scope: str, name: str, nusd: int, at: datetime = NOW) -> None:
     """Hold and settle `nusd` against a budget, as a finished request does."""
     b = next(b for b in st.keys.load_budgets() if (b.scope, b.name) == (scope, name))
-    with st.db.engine.begin() as conn:
+    with st.db.transaction() as conn:
         (r,) = apply(conn, [], [ReserveRequest(new_request_id(), (b,), 0, at, timedelta(minutes=10))])
     assert r.blocked is None
-    with st.db.engine.begin() as conn:
+    with st.db.transaction() as conn:
         apply(conn, [Settlement(new_request_id(), r.refs, nusd)], [])
 
 
@@ -107,5 +107,5 @@ def audit_rows(st: Stores, user: str, times: list[datetime], cost_nusd: int = 0,
     rows = [AuditRow(id=new_request_id(), started_at=t, ended_at=t, user=user, provider=provider,
                      host="api.openai.com", method="POST", path="/v1/chat/completions", endpoint_kind="chat",
                      outcome="completed", cost_nusd=cost_nusd) for t in times]
-    with st.db.engine.begin() as conn:
+    with st.db.transaction() as conn:
         audit.write(conn, rows, [], [])

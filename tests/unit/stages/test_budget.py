@@ -135,7 +135,7 @@ class Stage:
     def finish(self, f: http.HTTPFlow, actual_nusd: int) -> None:
         """What the writer does when the request ends: the settlement, in a transaction."""
         call = f.metadata[META]
-        with self.db.engine.begin() as conn:
+        with self.db.transaction() as conn:
             ledger_sql.apply(conn, [Settlement(call.request_id, call.hold.refs, actual_nusd)], [])
 
 

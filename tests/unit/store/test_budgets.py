@@ -10,7 +10,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Sequence
 
 import pytest
-from sqlalchemy import event as sa_event
 
 from spendgate.periods import period_end
 from spendgate.stages.call import new_request_id
@@ -25,6 +24,7 @@ from spendgate.store.budgets import (
     apply,
 )
 from spendgate.store.keys import KeyStore
+from spendgate.store.plain import Prepared, Transaction
 from tests.unit.databases import empty_pg
 
 UTC = timezone.utc
@@ -58,7 +58,7 @@ def make_budget(db: Database, scope: str, name: str, cap_nusd: int, period: str 
 def batch(db: Database, settles: Sequence[Settlement] = (), reserves: Sequence[ReserveRequest] = ()
           ) -> list[ReserveResult]:
     """One audit writer batch: its settlements and reservations in one transaction."""
-    with db.engine.begin() as conn:
+    with db.transaction() as conn:
         return apply(conn, settles, reserves)
 
 
@@ -266,7 +266,8 @@ def test_settle_and_reserve_in_one_batch(db: Database) -> None:
 
 
 @pytest.mark.postgres
-def test_settling_and_reserving_on_shared_caps_do_not_deadlock(pg_module_url: str) -> None:
+def test_settling_and_reserving_on_shared_caps_do_not_deadlock(pg_module_url: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A reservation (user u2 and the team) and an audit batch settling two requests (u1 and the
     team, u2 and the team) lock the same rows. Steered into the interleaving where the batch holds
     the team's row while the reservation holds u2's (each pauses before its next statement on
@@ -297,7 +298,7 @@ def test_settling_and_reserving_on_shared_caps_do_not_deadlock(pg_module_url: st
                 out.update(p.values() if isinstance(p, dict) else p or ())
             return out
 
-        def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        def before(statement: str, parameters: Any) -> None:
             me = threading.current_thread().name
             if "budget_spend" not in statement or me in paused:
                 return
@@ -311,7 +312,13 @@ def test_settling_and_reserving_on_shared_caps_do_not_deadlock(pg_module_url: st
                 reserver_holds_u2.wait(3)
                 settler_holds_team.set()
 
-        sa_event.listen(db.engine, "before_cursor_execute", before)
+        execute = Transaction.execute
+
+        def paced(tx: Transaction, stmt: Prepared, params: Any = None) -> Any:
+            before(stmt.sql, params)
+            return execute(tx, stmt, params)
+
+        monkeypatch.setattr(Transaction, "execute", paced)
         errors: list[str] = []
 
         def reserver() -> None:
@@ -331,7 +338,7 @@ def test_settling_and_reserving_on_shared_caps_do_not_deadlock(pg_module_url: st
             t.start()
         for t in threads:
             t.join(30)
-        sa_event.remove(db.engine, "before_cursor_execute", before)
+        monkeypatch.undo()
         assert paused == {"reserver", "settler"}  # the interleaving was reached
         assert errors == []
         st = status(db, now, "team", "t")

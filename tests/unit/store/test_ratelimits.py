@@ -22,7 +22,7 @@ def at(seconds: float) -> datetime:
 
 
 def hit(db: Database, seconds: float, rpm: int, key: str = "key00001") -> RateResult:
-    with db.engine.begin() as conn:
+    with db.transaction() as conn:
         return take(conn, RateCheck(key, rpm, at(seconds)))
 
 
@@ -141,7 +141,7 @@ def test_parallel_takes_from_separate_connections_admit_exactly_rpm(db: Database
 def test_the_count_commits_with_its_transaction(db: Database) -> None:
     """Taken in the transaction that commits the begun audit row: a rolled-back begin costs nothing."""
     with pytest.raises(RuntimeError):
-        with db.engine.begin() as conn:
+        with db.transaction() as conn:
             assert take(conn, RateCheck("key00001", 1, at(0))).allowed
             raise RuntimeError("the audit insert failed")
     assert hit(db, 0, rpm=1).allowed

@@ -210,7 +210,7 @@ def test_completion_settlement_and_content_commit_together_or_not_at_all(
     keys.set_budget("user", "alice", 10**9, "day", actor="t")
     (cap,) = keys.load_budgets()
     reqs = [row(user="alice", started_at=NOW, content_captured=True) for _ in range(3)]
-    with db.engine.begin() as conn:
+    with db.transaction() as conn:
         holds = apply(conn, [], [ReserveRequest(r.id, (cap,), 1000, NOW, timedelta(minutes=10)) for r in reqs])
     for r in reqs:
         asyncio.run(writer.begin(r))

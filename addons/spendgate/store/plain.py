@@ -1,0 +1,177 @@
+"""The hot path's SQL through the plain DB-API driver (sqlite3, psycopg), not SQLAlchemy's Core.
+
+Every request to a model host costs one writer transaction (its audit row, its rate count, its
+reservation; then its completion and settlement). Through SQLAlchemy each statement pays for
+parameter processing, result wrapping and connection events: about twice what the statements
+cost in the driver. These few statements are fixed text, so they are written once in
+`:name` style and run as the driver takes them:
+
+- `Prepared` holds a statement's text and which of its parameters are UTC timestamps, converted
+  as `UTCDateTime` stores them (naive UTC; on SQLite the text SQLAlchemy writes and reads);
+- `Transaction` runs them on one connection and returns rows as named tuples, so the code on top
+  (`audit.write`, `budgets.apply`, `ratelimits.take`) reads the same on either database.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import namedtuple
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+_NAME = re.compile(r"(?<![:\w]):(\w+)")
+
+
+class Prepared:
+    """A statement in `:name` style; `times` names its timestamp parameters."""
+
+    __slots__ = ("sql", "times", "_pyformat")
+
+    def __init__(self, sql: str, times: Iterable[str] = ()) -> None:
+        self.sql = sql
+        self.times = tuple(times)
+        self._pyformat = _NAME.sub(r"%(\1)s", sql.replace("%", "%%"))  # psycopg's style
+
+    def text_for(self, sqlite: bool) -> str:
+        return self.sql if sqlite else self._pyformat
+
+    def __repr__(self) -> str:
+        return f"Prepared({self.sql[:60]!r})"
+
+
+def _sqlite_time(value: datetime | None) -> str | None:
+    """As SQLAlchemy's SQLite DateTime stores it (always with microseconds), so both read it alike."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _pg_time(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is None:
+        return value
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+class Result:
+    """What a statement left: `rowcount`, and its rows (RETURNING, SELECT) as named tuples."""
+
+    __slots__ = ("_cursor", "rowcount")
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+        self.rowcount: int = cursor.rowcount
+
+    def first(self) -> Any:
+        return self._cursor.fetchone() if self._cursor.description else None
+
+    def one(self) -> Any:
+        row = self.first()
+        if row is None:
+            raise LookupError("expected one row, got none")
+        return row
+
+    def scalar(self) -> Any:
+        row = self.first()
+        return None if row is None else row[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cursor.fetchall() if self._cursor.description else ())
+
+
+_ROW_TYPES: dict[tuple[str, ...], Any] = {}
+
+
+def _named_row(cursor: Any, row: tuple[Any, ...]) -> Any:
+    """sqlite3's row factory: a named tuple per column list, made once."""
+    names = tuple(d[0] for d in cursor.description)
+    kind = _ROW_TYPES.get(names)
+    if kind is None:
+        kind = _ROW_TYPES[names] = namedtuple("Row", names)
+    return kind(*row)
+
+
+class Transaction:
+    """Statements on one DB-API connection, inside the transaction its driver opens implicitly;
+    the owner commits or rolls back (`Database.transaction`, the audit writer)."""
+
+    def __init__(self, driver_connection: Any, sqlite: bool) -> None:
+        self.sqlite = sqlite
+        if sqlite:
+            self._cursor = driver_connection.cursor()
+            self._cursor.row_factory = _named_row
+            self._time = _sqlite_time
+        else:
+            from psycopg.rows import namedtuple_row  # only PostgreSQL stores need psycopg
+
+            self._cursor = driver_connection.cursor(row_factory=namedtuple_row)
+            self._time = _pg_time  # type: ignore[assignment]
+
+    def _params(self, stmt: Prepared, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not stmt.times:
+            return params
+        out = dict(params)
+        for name in stmt.times:
+            if name in out:
+                out[name] = self._time(out[name])
+        return out
+
+    def execute(self, stmt: Prepared, params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None) -> Result:
+        """One statement; a list of parameter sets runs it once per set (`executemany`)."""
+        sql = stmt.text_for(self.sqlite)
+        if isinstance(params, Sequence):
+            self._cursor.executemany(sql, [self._params(stmt, p) for p in params])
+        else:
+            self._cursor.execute(sql, self._params(stmt, params or {}))
+        return Result(self._cursor)
+
+    def close(self) -> None:
+        self._cursor.close()
+
+
+class Link:
+    """One connection its owner thread keeps (the audit writer): no pool checkout per batch, and
+    on PostgreSQL no pre-ping round trip. After a failure it is rolled back, or replaced when even
+    that fails (the server went away); so is a connection of an engine the store has replaced."""
+
+    def __init__(self, engine_of: Callable[[], Any], sqlite: bool) -> None:
+        self._engine_of = engine_of  # the store's current engine: its connect events (pragmas) run
+        self._sqlite = sqlite
+        self._engine: Any = None
+        self._raw: Any = None
+        self._tx: Transaction | None = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        engine = self._engine_of()
+        if self._raw is None or self._tx is None or engine is not self._engine:
+            self.close()
+            self._raw = engine.raw_connection()
+            self._engine, self._tx = engine, Transaction(self._raw.driver_connection, self._sqlite)
+        try:
+            yield self._tx
+            self._raw.commit()
+        except BaseException:
+            self._recover()
+            raise
+
+    def _recover(self) -> None:
+        try:
+            self._raw.rollback()
+        except Exception:
+            self.close(invalidate=True)
+
+    def close(self, invalidate: bool = False) -> None:
+        raw, self._raw, self._tx = self._raw, None, None
+        if raw is None:
+            return
+        try:
+            if invalidate:
+                raw.invalidate()
+            else:
+                raw.close()
+        except Exception:
+            pass
