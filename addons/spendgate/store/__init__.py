@@ -139,9 +139,9 @@ class Database:
         finally:
             link.close()
 
-    def link(self) -> Link:
-        """A connection for one thread to keep (the audit writer's)."""
-        return Link(lambda: self.engine, self.is_sqlite)
+    def link(self, pragmas: tuple[str, ...] = ()) -> Link:
+        """A connection for one thread to keep (the audit writer's); SQLite `pragmas` set on it."""
+        return Link(lambda: self.engine, self.is_sqlite, pragmas)
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

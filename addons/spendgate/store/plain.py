@@ -137,9 +137,10 @@ class Link:
     on PostgreSQL no pre-ping round trip. After a failure it is rolled back, or replaced when even
     that fails (the server went away); so is a connection of an engine the store has replaced."""
 
-    def __init__(self, engine_of: Callable[[], Any], sqlite: bool) -> None:
+    def __init__(self, engine_of: Callable[[], Any], sqlite: bool, pragmas: Sequence[str] = ()) -> None:
         self._engine_of = engine_of  # the store's current engine: its connect events (pragmas) run
         self._sqlite = sqlite
+        self._pragmas = pragmas
         self._engine: Any = None
         self._raw: Any = None
         self._tx: Transaction | None = None
@@ -150,6 +151,8 @@ class Link:
         if self._raw is None or self._tx is None or engine is not self._engine:
             self.close()
             self._raw = engine.raw_connection()
+            for pragma in self._pragmas:
+                self._raw.driver_connection.execute(pragma)
             self._engine, self._tx = engine, Transaction(self._raw.driver_connection, self._sqlite)
         try:
             yield self._tx

@@ -1,0 +1,152 @@
+"""One audit-writer batch: the items requests hand the writer and the transaction that writes them.
+
+`write_batch` is what a batch commits, wherever it commits (the event loop or the writer thread,
+see `writer`); `salvage` is the barer version of an item the store rejects, so a bad row is saved
+without its free text instead of costing the other rows of its batch theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from spendgate.store import audit, budgets, ratelimits
+from spendgate.store.audit import ESSENTIAL, AuditRow, ContentRow
+from spendgate.store.budgets import ReserveRequest, ReserveResult, Settlement
+from spendgate.store.plain import Link
+from spendgate.store.ratelimits import RateCheck, RateResult
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Everything a request leaves when it ends, written in one transaction."""
+
+    row: AuditRow
+    begun: bool  # its row was inserted before it went upstream: complete it; else insert it whole
+    settlement: Settlement | None = None
+    content: ContentRow | None = None
+
+
+@dataclass(frozen=True)
+class Begin:
+    """A request about to go upstream: its row, with its key's `--rpm` count and its caps'
+    reservation taken in the same commit (the reservation only if the rate limit lets it go)."""
+
+    row: AuditRow
+    rate: RateCheck | None = None
+    reserve: ReserveRequest | None = None
+
+
+@dataclass(frozen=True)
+class Begun:
+    rate: RateResult | None = None
+    reserved: ReserveResult | None = None
+
+
+Payload = Union[Begin, Finished, ReserveRequest]
+
+
+@dataclass
+class Item:
+    kind: Literal["begin", "finish", "reserve"]
+    payload: Payload
+    done: asyncio.Future[Any] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    attempts: int = 0
+    result: Any = None
+
+    @property
+    def request_id(self) -> str:
+        p = self.payload
+        return p.row.id if isinstance(p, (Begin, Finished)) else p.request_id
+
+
+def write_batch(link: Link, batch: list[Item]) -> None:
+    """One batch's transaction: rows inserted and completed, rate counts, reservations and settlements;
+    each item's `result` set once it is committed."""
+    inserts: list[AuditRow] = []
+    completions: list[AuditRow] = []
+    contents: list[ContentRow] = []
+    settles: list[Settlement] = []
+    reserving: list[tuple[Item, ReserveRequest]] = []
+    begins: list[Item] = []
+    for item in batch:
+        p = item.payload
+        if isinstance(p, Begin):
+            inserts.append(p.row)
+            if p.rate is not None or p.reserve is not None:
+                begins.append(item)
+        elif isinstance(p, Finished):
+            (completions if p.begun else inserts).append(p.row)
+            if p.content is not None:
+                contents.append(p.content)
+            if p.settlement is not None:
+                settles.append(p.settlement)
+        else:
+            reserving.append((item, p))
+    with link.transaction() as conn:
+        audit.write(conn, inserts, completions, contents)
+        rates: dict[int, RateResult] = {}
+        for item in sorted(begins, key=_rate_order):  # the rows' lock order, as budgets.apply's
+            p = item.payload
+            assert isinstance(p, Begin)
+            if p.rate is not None:
+                rates[id(item)] = ratelimits.take(conn, p.rate)
+            if p.reserve is not None and rates.get(id(item), _ALLOWED).allowed:
+                reserving.append((item, p.reserve))
+        results: list[ReserveResult] = []
+        if settles or reserving:
+            results = budgets.apply(conn, settles, [r for _, r in reserving])
+    reserved = {id(item): result for (item, _), result in zip(reserving, results)}
+    for item in batch:
+        if item.kind == "reserve":
+            item.result = reserved[id(item)]
+        elif item.kind == "begin":
+            item.result = Begun(rates.get(id(item)), reserved.get(id(item)))
+
+
+_ALLOWED = RateResult(True)
+
+
+def _rate_order(item: Item) -> str:
+    p = item.payload
+    return p.rate.key_id if isinstance(p, Begin) and p.rate is not None else ""
+
+
+def salvage(item: Item, e: Exception) -> list[Item]:
+    """The item without the free text the store rejects, saying so in `error`, barest last; none for a
+    reservation. A finished request's content goes before its completion and settlement do: the
+    content row may be what the store rejects (a conflict), and the other two must still land."""
+    p = item.payload
+    if isinstance(p, Begin):
+        return [Item(item.kind, Begin(_bare(p.row, e), p.rate, p.reserve), item.done, item.loop, item.attempts)]
+    if isinstance(p, Finished):
+        row = _bare(p.row, e)
+        out = []
+        if p.content is not None:
+            content = dataclasses.replace(
+                p.content, request_body=None, response_body=None,
+                reason=f"{p.content.reason[:200]} (content rejected by the store: {type(e).__name__})")
+            out.append(Finished(row, p.begun, p.settlement, content))
+            row = dataclasses.replace(
+                row, error=f"audit fields and captured content rejected by the store ({type(e).__name__}); left out")
+        out.append(Finished(row, p.begun, p.settlement, None))
+        return [Item(item.kind, f, item.done, item.loop, item.attempts) for f in out]
+    return []
+
+
+def _bare(row: AuditRow, e: Exception) -> AuditRow:
+    out = dataclasses.replace(row)
+    for f in dataclasses.fields(out):
+        value = getattr(out, f.name)
+        if not isinstance(value, str):
+            continue
+        if f.name in ESSENTIAL:
+            setattr(out, f.name,
+                    value.encode("ascii", "replace").decode().replace("\x00", "")[:16 if f.name == "method" else 200])
+        else:
+            setattr(out, f.name, None)
+    out.error = f"audit fields rejected by the store ({type(e).__name__}); they were left out"
+    return out
