@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from mitmproxy import http
@@ -127,7 +127,7 @@ class Budgets:
                 self._hold(call, Nano(ask.request.amount_nusd), result)
                 return
             usage = await self.estimator.usage(call)  # the bound did not fit: count exactly
-            result = await self._reserve(flow, call, self._with_amount(ask.request, self._nusd(call, usage)))
+            result = await self._reserve(flow, call, replace(ask.request, amount_nusd=self._nusd(call, usage)))
             if result is None:
                 return
         else:
@@ -142,7 +142,7 @@ class Budgets:
                 break
             usage = self.estimator.with_output(usage, fit, call.choices)
             amount = self._nusd(call, usage)
-            result = await self._reserve(flow, call, self._with_amount(ask.request, amount))
+            result = await self._reserve(flow, call, replace(ask.request, amount_nusd=amount))
             if result is None:
                 return
             limited = fit
@@ -151,10 +151,6 @@ class Budgets:
             return
         self._send_what_is_held(call, limited)
         self._hold(call, amount, result)
-
-    @staticmethod
-    def _with_amount(request: ReserveRequest, amount: Nano) -> ReserveRequest:
-        return ReserveRequest(request.request_id, request.budgets, amount, request.now, request.ttl)
 
     def _hold(self, call: Call, amount: Nano, result: ReserveResult) -> None:
         call.hold = Hold(amount, result.refs, result.remaining_nusd)

@@ -74,10 +74,6 @@ class Result:
             raise LookupError("expected one row, got none")
         return row
 
-    def scalar(self) -> Any:
-        row = self.first()
-        return None if row is None else row[0]
-
     def __iter__(self) -> Iterator[Any]:
         return iter(self._cursor.fetchall() if self._cursor.description else ())
 
@@ -127,9 +123,6 @@ class Transaction:
         else:
             self._cursor.execute(sql, self._params(stmt, params or {}))
         return Result(self._cursor)
-
-    def close(self) -> None:
-        self._cursor.close()
 
 
 class Link:

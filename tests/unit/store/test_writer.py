@@ -9,7 +9,6 @@ import dataclasses
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from spendgate.store.audit import AuditRow, ContentRow
 from spendgate.store.budgets import BudgetLedger, ReserveRequest, Settlement, apply
 from spendgate.store.keys import KeyStore
 from spendgate.store.writer import AuditUnavailable, AuditWriter, Finished
-from tests.unit.databases import sqlite_database
 
 NOW = datetime(2026, 11, 25, 12, tzinfo=timezone.utc)
 
@@ -40,26 +38,6 @@ def completed(begun: AuditRow, **kw: Any) -> AuditRow:
     """`begun` as it is when its request ends."""
     return dataclasses.replace(begun, **({"outcome": "completed", "ended_at": datetime.now(timezone.utc),
                                           "status_code": 200} | kw))
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "audit.db"
-
-
-@pytest.fixture
-def db(path: Path) -> Iterator[Database]:
-    d = sqlite_database(path)
-    yield d
-    d.close()
-
-
-@pytest.fixture
-def writer(db: Database) -> Iterator[AuditWriter]:
-    w = AuditWriter(db)
-    w.start()
-    yield w
-    w.stop()
 
 
 def committed(path: Path) -> dict[str, tuple[Any, ...]]:

@@ -10,35 +10,10 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from spendgate.store import Database
 from spendgate.store.writer import AuditWriter, Finished
-from tests.unit.databases import sqlite_database
 from tests.unit.store.test_writer import committed, completed, row, wait_until
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "audit.db"
-
-
-@pytest.fixture
-def db(path: Path) -> Iterator[Database]:
-    d = sqlite_database(path)
-    yield d
-    d.close()
-
-
-@pytest.fixture
-def writer(db: Database) -> Iterator[AuditWriter]:
-    w = AuditWriter(db)
-    w.start()
-    yield w
-    w.stop()
 
 
 def test_a_waiting_row_is_committed_on_the_loop_in_one_batch(writer: AuditWriter, path: Path) -> None:
