@@ -55,7 +55,7 @@ def test_a_compression_bomb_is_413_without_inflating_it(coding: str) -> None:
 
 
 @pytest.mark.parametrize(("coding", "data"), [
-    ("gzip", b"not gzip at all"), ("gzip", gzip.compress(b"x" * 1000)[:-12]), ("br", b"\xff" * 20),
+    ("gzip", b"not gzip at all"), ("gzip", gzip.compress(b"x" * 1000, mtime=0)[:-12]), ("br", b"\xff" * 20),
     ("zstd", b"nonsense"), ("deflate", b"\x78\x9c garbage"),
 ])
 def test_corrupt_data_is_400(coding: str, data: bytes) -> None:
