@@ -168,7 +168,8 @@ def test_small_gzip_body_is_accepted(gw: GatewayProcess, client: HostileClient, 
     assert audit_row(gw, request_id(r))["outcome"] == "completed"
 
 
-@pytest.mark.parametrize("body", [b"\x1f\x8b\x08\x00" + b"\x00\xff" * 50, gzip.compress(CALLS["openai"].body, mtime=0)[:-12]],
+@pytest.mark.parametrize("body", [b"\x1f\x8b\x08\x00" + b"\x00\xff" * 50,
+                                  gzip.compress(CALLS["openai"].body, mtime=0)[:-12]],
                          ids=["garbage", "truncated"])
 def test_corrupt_gzip_is_400(client: HostileClient, auth: str, mock_provider: MockProvider, body: bytes) -> None:
     with client.tunnel(auth=auth) as conn:
