@@ -20,6 +20,7 @@ COPY addons ./addons
 # bake the two encodings it uses into the image.
 RUN pip install . \
  && python -c "import tiktoken; [tiktoken.get_encoding(n) for n in ('o200k_base', 'cl100k_base')]" \
+ && python -O -m compileall -q "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && chmod -R a+rX /opt/spendgate
 COPY deploy/spendgate/spendgate.toml /etc/spendgate/spendgate.toml
 

@@ -202,12 +202,13 @@ def mitmdump_ca(work: Path) -> str:
 
 
 def start_bare_mitmdump(workdir: Path, mock_port: int, port: int,
-                        profile_to: Path | None = None) -> subprocess.Popen[bytes]:
+                        profile_to: Path | None = None, optimized: bool = False) -> subprocess.Popen[bytes]:
+    """Bare mitmdump as installed; `optimized`: under python -O, as `serve` runs (its debug checks off)."""
     confdir = workdir / "mitmdump-confdir"
     confdir.mkdir(parents=True, exist_ok=True)
-    cmd = [MITMDUMP]
+    cmd = [PYTHON, "-O", MITMDUMP] if optimized else [MITMDUMP]
     if profile_to is not None:
-        cmd = [PYTHON, str(BENCH_DIR / "_profiled.py"), str(profile_to), MITMDUMP]
+        cmd = [PYTHON, *(["-O"] if optimized else []), str(BENCH_DIR / "_profiled.py"), str(profile_to), MITMDUMP]
     cmd += [
         "--listen-host", "127.0.0.1", "--listen-port", str(port),
         "--set", f"confdir={confdir}", "--set", "connection_strategy=lazy", "--set", "ssl_insecure=true",
@@ -254,7 +255,8 @@ def start_gateway(workdir: Path, mock_url: str, profile_to: Path | None = None,
     """A `spendgate serve` on SQLite with every provider pointed at the mock, and a key.
 
     Plain: the real `spendgate serve` (GatewayProcess). With `profile_to` and/or `drop`, the same
-    config and environment, run as `python [bench/_profiled.py FILE] bench/_serve_ablated.py serve`.
+    config and environment, run as `python -O [bench/_profiled.py FILE] bench/_serve_ablated.py serve`
+    (-O as `spendgate serve` runs itself, spendgate/launch.py).
     Returns (GatewayProcess, the custom Popen or None, gateway key)."""
     from tests.rig.gateway import GatewayProcess
 
@@ -264,7 +266,7 @@ def start_gateway(workdir: Path, mock_url: str, profile_to: Path | None = None,
         return gw, None, gw.create_key("bench", team="perf")["key"]
     gw.write_config()
     key = gw.create_key("bench", team="perf")["key"]
-    cmd = [PYTHON]
+    cmd = [PYTHON, "-O"]
     if profile_to is not None:
         cmd += [str(BENCH_DIR / "_profiled.py"), str(profile_to)]
     cmd += [str(BENCH_DIR / "_serve_ablated.py"), "serve", "--config", str(gw.config_path)]

@@ -11,6 +11,8 @@ load during the run is printed too (`other`).
     .venv/bin/python bench/side_by_side.py --database postgresql
     .venv/bin/python bench/side_by_side.py --rounds 5 --configs plain:1 plain:16 stream:16 stream:1
 
+`serve` runs under python -O (spendgate/launch.py); mitmdump runs as installed, or with
+`--bare-optimized` under -O too, which leaves only what the gateway's own code costs.
 The summary gives, per configuration, the median and range over the rounds of the CPU ratio
 gateway / mitmdump (each round's own pair), the added p50 and the added TTFT, against the
 issue's goals: ≤ 1.15× on JSON at c=1 and c=16 and on SSE at c=16 (PostgreSQL ≤ 1.3×), TTFT
@@ -98,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--no-cap", action="store_true", help="the bench user under no cap (what a cap costs)")
+    ap.add_argument("--bare-optimized", action="store_true",
+                    help="mitmdump under python -O too, as serve runs itself: what the gateway's own code costs")
     args = ap.parse_args(argv)
     configs = [(m, int(c)) for m, c in (x.split(":") for x in args.configs)]
-    print(f"side_by_side: {args.database}, {args.rounds} interleaved rounds, {args.requests} requests or "
+    print(f"side_by_side: {args.database}, mitmdump {'under python -O' if args.bare_optimized else 'as installed'}, "
+          f"serve under python -O; {args.rounds} interleaved rounds, {args.requests} requests or "
           f"{args.seconds:.0f} s per run; {os.cpu_count()} cores shared by client, mock and proxies; "
           f"load average at start {os.getloadavg()[0]:.2f}")
     results: dict[tuple[str, int], list[tuple[dict[str, Any], dict[str, Any]]]] = {c: [] for c in configs}
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             from tests.rig.gateway import free_port
 
             md_port = free_port()
-            md = start_bare_mitmdump(work / "mitmdump", mock.port, md_port)
+            md = start_bare_mitmdump(work / "mitmdump", mock.port, md_port, optimized=args.bare_optimized)
             gw, key = start_gateway(work / "gateway", mock.url, db_url, cap=not args.no_cap)
             bare = Target("mitmdump", "https://api.openai.com/v1/chat/completions", mitmdump_ca(work),
                           f"http://127.0.0.1:{md_port}", md.pid)

@@ -72,3 +72,21 @@ def test_an_address_in_use_stops_serve_with_a_clear_error(tmp_path: Path, _mock_
     assert cp.returncode == 1, cp.stderr[-2000:]
     assert f"127.0.0.1:{port}" in cp.stderr and "in use" in cp.stderr.lower(), cp.stderr[-2000:]
     assert "Traceback" not in cp.stderr
+
+
+@pytest.mark.parametrize("asserts", ["", "1"], ids=["optimized", "SPENDGATE_PYTHON_ASSERTS=1"])
+def test_serve_runs_as_the_process_it_was_started_as_under_python_O(
+        tmp_path: Path, _mock_provider_session: MockProvider, asserts: str) -> None:
+    """`serve` re-executes itself with -O (mitmproxy's per-message type checks compiled out): same pid, same
+    command line otherwise, still answering; SPENDGATE_PYTHON_ASSERTS=1 keeps a plain interpreter."""
+    g = GatewayProcess(tmp_path, _mock_provider_session.url, name=f"serve-O{asserts}",
+                       env={"SPENDGATE_PYTHON_ASSERTS": asserts})
+    g.start()
+    try:
+        argv = Path(f"/proc/{g.proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        assert (argv[1:2] == [b"-O"]) is (asserts == ""), argv
+        assert argv[-3:] == [b"serve", b"--config", str(g.config_path).encode()], argv
+        with g.httpx_client(None) as h:
+            assert h.get("https://api.openai.com/v1/models").status_code == 401  # the gateway itself answers
+    finally:
+        g.stop()

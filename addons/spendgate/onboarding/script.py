@@ -49,7 +49,8 @@ def _posix(address: PublicAddress, user: str, key: str | None, shell: Shell, ca_
     env_name = "env.fish" if shell is Shell.fish else "env.sh"
     sq = partial(single_quoted, shell=Shell.bash)  # the script's own variables are sh, whatever it writes
     body = env_lines(address, user, shell, file_refs(shell))
-    assert ENV_END not in body
+    if ENV_END in body:  # would end the here-document early (not an assert: `serve` runs under -O)
+        raise ValueError("onboarding: a value contains the here-document's end marker")
     header = [
         "#!/bin/sh",
         f"# Spendgate setup for {_comment(user)} through {address.url}, for {shell.value}; made {when}.",
@@ -78,7 +79,8 @@ def _posix(address: PublicAddress, user: str, key: str | None, shell: Shell, ca_
 def _powershell(address: PublicAddress, user: str, key: str | None, ca_pem: str, when: str) -> str:
     ps = partial(single_quoted, shell=Shell.powershell)
     body = env_lines(address, user, Shell.powershell, file_refs(Shell.powershell))
-    assert not any(line.startswith("'@") for line in body)
+    if any(line.startswith("'@") for line in body):  # would end the here-string early
+        raise ValueError("onboarding: a value would end the PowerShell here-string")
     names = [v.name for v in environment(address, user)]
     header = [
         f"# Spendgate setup for {_comment(user)} through {address.url}, for PowerShell; made {when}.",

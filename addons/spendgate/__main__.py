@@ -1,0 +1,5 @@
+"""`python -m spendgate`: the `spendgate` command."""
+
+from spendgate.launch import main
+
+main()
