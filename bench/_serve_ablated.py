@@ -3,7 +3,7 @@
     SPENDGATE_BENCH_DROP=Record,MetricsStage python bench/_serve_ablated.py serve --config PATH
 
 Names are the stage classes `spendgate.stages.build_stages` returns (TlsPolicy, Routing, Identity,
-Destinations, RateLimit, Policy, Budgets, Meter, Forward, Record, MetricsStage, AlertFeed). Routing,
+Destinations, RateLimit, Policy, Budgets, Meter, Forward, Record, BudgetAdmission, MetricsStage, AlertFeed). Routing,
 Identity and Forward cannot be dropped: without them no request is attributed to a provider and a
 key, or sent to the configured upstream. A benchmark tool only: a gateway without its Record stage
 keeps no audit log.

@@ -482,14 +482,15 @@ def audit_check(gw: Any) -> None:
 # =========================================================================== ablation
 
 ABLATIONS: list[tuple[str, tuple[str, ...] | None]] = [
-    ("bare mitmdump", None),
+    ("bare mitmdump (python -O)", None),
     ("gateway, all stages", ()),
     ("  - MetricsStage", ("MetricsStage",)),
-    ("  - Record (no audit log)", ("Record",)),
-    ("  - Budgets - RateLimit - Policy", ("Budgets", "RateLimit", "Policy")),
-    ("  - Meter - Record - Metrics", ("Meter", "Record", "MetricsStage")),
+    ("  - Record (no audit log)", ("Record", "BudgetAdmission")),
+    ("  - Budgets - RateLimit - Policy", ("Budgets", "BudgetAdmission", "RateLimit", "Policy")),
+    ("  - Meter - Record - Metrics", ("Meter", "Record", "BudgetAdmission", "MetricsStage")),
     ("only Tls+Routing+Identity+Forward",
-     ("Destinations", "RateLimit", "Policy", "Budgets", "Meter", "Record", "MetricsStage")),
+     ("OnboardingFiles", "Destinations", "RateLimit", "Policy", "Sockets", "Budgets", "Meter", "Record",
+      "BudgetAdmission", "MetricsStage")),
 ]
 
 
@@ -510,7 +511,7 @@ def ablate(args: argparse.Namespace) -> int:
             for i, (label, drop) in enumerate(ABLATIONS):
                 if drop is None:
                     port = free_port()
-                    proc = start_bare_mitmdump(work / "mitmdump", mock.port, port)
+                    proc = start_bare_mitmdump(work / "mitmdump", mock.port, port, optimized=True)
                     target = Target(label, TARGET_URL, mitmdump_ca(work), f"http://127.0.0.1:{port}", proc.pid)
                 else:
                     gw, p, key = start_gateway(work / f"gw{i}", mock.url, drop=drop)
@@ -570,7 +571,7 @@ def profile(args: argparse.Namespace) -> int:
                 prof = work / f"{name}.prof"
                 if name == "mitmdump":
                     port = free_port()
-                    proc = start_bare_mitmdump(work / "mitmdump", mock.port, port, profile_to=prof)
+                    proc = start_bare_mitmdump(work / "mitmdump", mock.port, port, profile_to=prof, optimized=True)
                     target = Target(name, TARGET_URL, mitmdump_ca(work), f"http://127.0.0.1:{port}", proc.pid)
                 else:
                     gw, proc, key = start_gateway(work / "gateway", mock.url, profile_to=prof)

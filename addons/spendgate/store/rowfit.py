@@ -45,21 +45,22 @@ class RowFitter:
         """Fit the attributes `names` of `row` (default: every column) in place; returns the
         names of those that had to change."""
         cut: set[str] = set()
-        for name in names if names is not None else (*self._text, *self._ints):
+        texts = self._text.items() if names is None else [(n, self._text[n]) for n in names if n in self._text]
+        for name, width in texts:
             value = getattr(row, name)
-            if isinstance(value, str):
-                width = self._text.get(name)
-                if width is None:
-                    continue
-                clean = _clean(value)
-                if len(clean) > width:
-                    clean = clean[:width]
-                if clean != value:
-                    setattr(row, name, clean)
-                    cut.add(name)
-            elif isinstance(value, int) and not isinstance(value, bool) and name in self._ints:
-                lo, hi = self._ints[name]
-                if not lo <= value <= hi:
-                    setattr(row, name, min(max(value, lo), hi))
-                    cut.add(name)
+            if not isinstance(value, str):
+                continue
+            # Nearly every value is short ASCII without NUL: checked in C, no copy made.
+            if len(value) <= width and value.isascii() and "\x00" not in value:
+                continue
+            clean = _clean(value)[:width]
+            if clean != value:
+                setattr(row, name, clean)
+                cut.add(name)
+        ints = self._ints.items() if names is None else [(n, self._ints[n]) for n in names if n in self._ints]
+        for name, (lo, hi) in ints:
+            value = getattr(row, name)
+            if isinstance(value, int) and not isinstance(value, bool) and not lo <= value <= hi:
+                setattr(row, name, min(max(value, lo), hi))
+                cut.add(name)
         return cut
