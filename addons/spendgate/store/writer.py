@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from spendgate.store import Database
+from spendgate.store import Database, sqlite_path
 from spendgate.store.audit import AuditRow
 from spendgate.store.batches import Begin, Begun, Finished, Item, salvage, write_batch
 from spendgate.store.budgets import ReserveRequest, ReserveResult
@@ -37,10 +38,14 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 500
 LINGER_SECONDS = 0.01  # how long a batch with no waiting request may gather more rows
 RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
-CHECKPOINT_SECONDS = 1.0  # SQLite: how often an idle writer thread checkpoints the WAL the loop writes
+CHECKPOINT_SECONDS = 0.25  # SQLite: how often an idle writer thread checkpoints the WAL the loop writes
+CHECKPOINT_ROUNDS = 16  # checkpoints in a row while the loop keeps appending, so the WAL can restart
+WAL_LIMIT = 64 * 1024 * 1024  # a WAL file left larger than this (after a burst) is truncated by the thread
 # The loop's SQLite connection: a locked database is handed to the thread at once, never waited for.
 LOOP_PRAGMAS = ("PRAGMA busy_timeout=0", "PRAGMA wal_autocheckpoint=0")
 _CHECKPOINT = Prepared("PRAGMA wal_checkpoint(PASSIVE)")
+_TRUNCATE = Prepared("PRAGMA wal_checkpoint(TRUNCATE)")
+THREAD_PRAGMAS: tuple[str, ...] = ()  # the thread waits the store's own busy timeout (30 s on SQLite)
 
 
 @dataclass
@@ -57,7 +62,7 @@ class AuditStats:
 class AuditWriter:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._link = db.link()  # the writer thread's own connection: its batches need no pool checkout
+        self._link = db.link(THREAD_PRAGMAS)  # the writer thread's own connection: no pool checkout per batch
         self._on_loop = db.is_sqlite
         self._loop_link = db.link(LOOP_PRAGMAS)
         self._loop_batch: list[Item] = []
@@ -231,12 +236,31 @@ class AuditWriter:
                         break
 
     def _checkpoint(self) -> None:
-        """Copy the WAL into the database file: the loop's connection never does (it would fsync there)."""
+        """Copy the WAL into the database file: the loop's connection never does (it would fsync there).
+
+        One pass copies the frames there were when it began; a busy loop appends more meanwhile, and
+        the WAL restarts (instead of growing without end) only after a pass that leaves none. So
+        passes repeat while each still leaves some, a few at most. A WAL file a burst left large is
+        truncated here, not on the loop."""
+        if not self._on_loop:
+            return
         try:
             with self._link.transaction() as conn:
-                conn.execute(_CHECKPOINT)
+                for _ in range(CHECKPOINT_ROUNDS):
+                    busy, frames, copied = conn.execute(_CHECKPOINT).one()
+                    if busy or copied >= frames:
+                        break
+                if not busy and copied >= frames and self._wal_bytes() > WAL_LIMIT:
+                    conn.execute(_TRUNCATE)
         except Exception as e:
             log.debug("audit: WAL checkpoint failed (%s)", type(e).__name__)
+
+    def _wal_bytes(self) -> int:
+        path = sqlite_path(self._db.url)
+        try:
+            return (path.with_name(path.name + "-wal").stat().st_size) if path is not None else 0
+        except OSError:
+            return 0
 
     def _store_alive(self) -> bool:
         try:
@@ -253,7 +277,7 @@ class AuditWriter:
         try:
             self._write(batch)
         except Exception as e:
-            if self._store_alive():
+            if not _locked(e) and self._store_alive():
                 # The store answers, so some row is bad: one row must not cost the others theirs.
                 return self._isolate(batch, e)
             return self._store_down(batch, e)
@@ -306,6 +330,8 @@ class AuditWriter:
             try:
                 self._write([item])
             except Exception as e:
+                if _locked(e):
+                    return self._store_down(batch[n:], e)
                 try:
                     salvaged = self._write_salvaged(item, e)
                 except Exception as e2:
@@ -359,6 +385,12 @@ class AuditWriter:
                 loop.call_soon_threadsafe(_set)
             except RuntimeError:  # loop closed during shutdown
                 pass
+
+
+def _locked(e: BaseException) -> bool:
+    """SQLite's busy timeout ran out: another connection holds the write lock. The store is busy,
+    not the rows bad: retried like a store that is down, never isolated and salvaged."""
+    return isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
 
 
 class AuditUnavailable(RuntimeError):

@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from spendgate.store import Database, ts_param
+from spendgate.store import writer as writer_module
 from spendgate.store.audit import AuditRow, ContentRow
 from spendgate.store.budgets import BudgetLedger, ReserveRequest, Settlement, apply
 from spendgate.store.keys import KeyStore
@@ -398,3 +399,62 @@ def test_the_thread_checkpoints_the_wal_the_loop_writes(writer: AuditWriter, pat
             con.close()
 
     assert wait_until(lambda: in_the_file() == len(rows), timeout=5)
+
+
+def test_the_wal_stays_bounded_while_the_loop_never_pauses(writer: AuditWriter, path: Path) -> None:
+    """Requests back to back for 3 s, never a pause: a checkpoint pass always ends with frames the
+    loop appended meanwhile, so one pass a second never let the WAL restart (1.3 GB after 50,000
+    requests). Passes repeated until one leaves none keep it small."""
+    wal = path.with_name(path.name + "-wal")
+    largest = 0
+
+    async def go() -> int:
+        nonlocal largest
+        n, until = 0, time.monotonic() + 3.0
+        while time.monotonic() < until:
+            r = row()
+            await writer.begin(r)
+            writer.finish(Finished(completed(r), begun=True))
+            n += 1
+            if n % 200 == 0:
+                largest = max(largest, wal.stat().st_size)
+        return n
+
+    n = asyncio.run(go())
+    assert n > 8000, n  # an unbounded WAL takes ~25 KB a request: 200 MB and more
+    assert largest < 160 * 1024 * 1024, f"WAL reached {largest / 1e6:.0f} MB after {n} requests"
+    assert wait_until(lambda: len(committed(path)) == n)
+    # Once the burst is over, a WAL file it left over 64 MiB is cut back (by the thread, not the loop).
+    assert wait_until(lambda: wal.stat().st_size <= writer_module.WAL_LIMIT, timeout=5), wal.stat().st_size
+
+
+def test_a_lock_held_past_the_busy_timeout_is_waited_out_not_blamed_on_the_rows(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another connection holds the write lock longer than the thread's busy timeout. The store is
+    busy, not the row bad: the completion is retried until it lands whole (not isolated, salvaged
+    or dropped), and a request's begin meanwhile is refused at once (fail closed)."""
+    monkeypatch.setattr(writer_module, "THREAD_PRAGMAS", ("PRAGMA busy_timeout=100",))
+    db = sqlite_database(path)
+    w = AuditWriter(db)
+    w.start()
+    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        opened = row()
+        asyncio.run(w.begin(opened))
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            w.finish(Finished(completed(opened, input_tokens=7), begun=True))
+            assert wait_until(lambda: w.stats.write_errors >= 1, timeout=5), w.stats
+            assert not w.healthy
+            with pytest.raises(AuditUnavailable):
+                asyncio.run(w.begin(row()))
+        finally:
+            locker.execute("COMMIT")
+        assert wait_until(lambda: committed(path)[opened.id][0] == "completed", timeout=10), committed(path)
+        outcome, _, tokens = committed(path)[opened.id]
+        assert tokens == 7  # the whole completion, not a salvaged one
+        assert wait_until(lambda: w.queue_depth == 0) and w.healthy
+    finally:
+        locker.close()
+        w.stop()
+        db.close()
