@@ -11,6 +11,8 @@ keeps no audit log.
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from spendgate.cli import app  # noqa: E402
 from spendgate.gateway import Gateway  # noqa: E402
 from spendgate.stages.pipeline import Pipeline  # noqa: E402
 
+TIMES = os.environ.get("SPENDGATE_BENCH_STAGE_TIMES")  # a file: each stage's seconds, written at exit
 DROP = {name for name in os.environ.get("SPENDGATE_BENCH_DROP", "").split(",") if name}
 KEEP = {"Routing", "Identity", "Forward"}
 if DROP & KEEP:
@@ -35,7 +38,33 @@ def _ablated(self: Gateway) -> Pipeline:
     unknown = DROP - set(names)
     if unknown:
         raise SystemExit(f"no such stage(s): {sorted(unknown)}; stages are {names}")
-    return Pipeline([s for s in stages if type(s).__name__ not in DROP])
+    pipeline = Pipeline([s for s in stages if type(s).__name__ not in DROP])
+    if TIMES:
+        gc_time = _time_collections()
+        atexit.register(lambda: Path(TIMES).write_text(json.dumps(pipeline.seconds | gc_time)))
+    return pipeline
+
+
+def _time_collections() -> dict[str, float]:
+    """Seconds the garbage collector ran, per generation (`gc.callbacks`); not the full collection
+    `serve` runs once before it freezes what start-up built."""
+    import gc
+    import time
+
+    spent = {"gc0": 0.0, "gc1": 0.0, "gc2": 0.0}
+    started = [0.0]
+    startup = [True]
+
+    def timer(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        elif info["generation"] == 2 and startup[0]:
+            startup[0] = False
+        else:
+            spent[f"gc{info['generation']}"] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(timer)
+    return spent
 
 
 Gateway.pipeline = _ablated  # type: ignore[method-assign]
