@@ -23,10 +23,6 @@ from spendgate.gateway import Gateway
 from spendgate.settings import Settings
 
 log = logging.getLogger("spendgate")
-# Collector thresholds once start-up is frozen: a young collection every 10,000 allocations (not
-# 700) and a full one every 100 middle ones (not 10). With nothing long-lived left to count, 3.12
-# ran a full collection every 10th time; the collector cost ~70 µs a request, now ~30 µs.
-GC_THRESHOLDS = (10_000, 10, 100)
 
 
 def _safe_url(url: str) -> str:
@@ -146,9 +142,11 @@ async def _run(settings: Settings) -> None:
     # What start-up built (mitmproxy, SQLAlchemy, price data: ~10^5 objects) lives as long as the
     # process: out of the collector's sight, a full collection no longer walks it (~80 ms each,
     # which every request in flight waited for).
+    # Python's default thresholds stay: with a young threshold of 10,000 (which halved the
+    # collector's ~70 µs a request) the gateway's RSS grew ~15 KB a request, 300 MB -> 1 GB over
+    # 50,000 requests (bench/soak.py); with 700 it stays flat.
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
     try:
         await master.run()
     finally:
