@@ -40,7 +40,7 @@ LINGER_SECONDS = 0.01  # how long a batch with no waiting request may gather mor
 RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
 CHECKPOINT_SECONDS = 0.25  # SQLite: how often an idle writer thread checkpoints the WAL the loop writes
 CHECKPOINT_ROUNDS = 16  # checkpoints in a row while the loop keeps appending, so the WAL can restart
-WAL_LIMIT = 64 * 1024 * 1024  # a WAL file left larger than this (after a burst) is truncated by the thread
+WAL_LIMIT = 256 * 1024 * 1024  # a WAL file a burst left larger is truncated (by the thread; writers wait)
 # The loop's SQLite connection: a locked database is handed to the thread at once, never waited for.
 LOOP_PRAGMAS = ("PRAGMA busy_timeout=0", "PRAGMA wal_autocheckpoint=0")
 _CHECKPOINT = Prepared("PRAGMA wal_checkpoint(PASSIVE)")
