@@ -4,7 +4,9 @@ so a mitmproxy upgrade that moves them fails here instead of silently dropping t
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 
+import pytest
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 
@@ -51,3 +53,35 @@ class _NoAnswers:
 
     def upstream_failed(self, flow: object, status: int, code: str, message: str, final: bool) -> object:
         raise AssertionError("not used")
+
+
+def test_a_dropped_stream_lets_go_of_its_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mitmproxy's layers keep a finished stream in reference cycles until a full collection: once
+    the stream is dropped it lets go of its flow (so the flow and its call are freed at once). The
+    commands and the answers to them pass through unchanged; another stream's drop releases nothing."""
+    from mitmproxy import connection, options
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.context import Context
+    from mitmproxy.test import tflow
+
+    answers: list[object] = []
+    flow_after_drop: list[bool] = []
+
+    def inner(self: edge.HttpStream, event: object) -> Iterator[object]:
+        answers.append((yield commands.Log("first")))
+        yield http_layers.DropStream(self.stream_id + 1)  # another stream's
+        flow_after_drop.append(hasattr(self, "flow"))
+        yield http_layers.DropStream(self.stream_id)
+        flow_after_drop.append(hasattr(self, "flow"))
+
+    monkeypatch.setattr(edge.HttpStream, "_handle_event", inner)  # mitmproxy's own (install() renames it)
+    client = connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0)
+    stream = edge.GatewayHttpStream(Context(client, options.Options()), 1)
+    stream.flow = tflow.tflow(resp=True)
+    gen = stream._handle_event(object())  # type: ignore[arg-type]
+    assert isinstance(next(gen), commands.Log)
+    assert isinstance(gen.send("answer"), http_layers.DropStream)
+    assert gen.send(None).stream_id == 1
+    with pytest.raises(StopIteration):
+        gen.send(None)
+    assert answers == ["answer"] and flow_after_drop == [True, False]
