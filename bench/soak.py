@@ -41,16 +41,10 @@ from proxy_overhead import MODEL, PROMPT, Target, run_load  # noqa: E402
 from side_by_side import database, start_gateway  # noqa: E402
 from token_count import make_text  # noqa: E402
 
+from tests.rig.hostile import rss_kib  # noqa: E402
+
 URL = "https://api.openai.com/v1/chat/completions"
 FLAT = 0.10  # ±10 % of the warm reading
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def memory(target: Target, mock_pid: int, args: argparse.Namespace) -> bool:
