@@ -116,8 +116,11 @@ class Transaction:
         return out
 
     def execute(self, stmt: Prepared, params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None) -> Result:
-        """One statement; a list of parameter sets runs it once per set (`executemany`)."""
+        """One statement; a list of parameter sets runs it once per set (`executemany`). A list of one
+        runs as one `execute`: psycopg's executemany is a pipeline, two more round trips on PostgreSQL."""
         sql = stmt.text_for(self.sqlite)
+        if isinstance(params, Sequence) and len(params) == 1:
+            params = params[0]
         if isinstance(params, Sequence):
             self._cursor.executemany(sql, [self._params(stmt, p) for p in params])
         else:
