@@ -1,7 +1,7 @@
 """What caps cost: the pre-flight estimate and reservation, and throughput with caps on.
 
 1. Store level, in this process: the estimate (tiktoken + price), a reservation
-   (`spendgate.store.budgets.apply`, as its own transaction) against 1 and 3 caps, and the
+   (`spendgate.store.batches.settle_and_reserve`, as its own transaction) against 1 and 3 caps, and the
    settlement (as its own transaction, the worst case: in the gateway both ride in the audit
    writer's group commit), p50/p99 in µs, on SQLite and PostgreSQL; and reservations/s
    when 8 threads hit the same cap row (the row lock serialises them).
@@ -86,7 +86,8 @@ def us(values: list[float]) -> str:
 
 
 def store_level(label: str, url: str, n: int) -> None:
-    from spendgate.store import Database, budgets
+    from spendgate.store import Database
+    from spendgate.store.batches import settle_and_reserve
     from spendgate.store.budgets import BudgetDef, ReserveRequest, ReserveResult, Settlement
     from spendgate.store.keys import KeyStore
 
@@ -103,11 +104,11 @@ def store_level(label: str, url: str, n: int) -> None:
     def reserve(rid: str, caps: list[BudgetDef], amt: int) -> ReserveResult:
         request = ReserveRequest(rid, tuple(caps), amt, datetime.now(timezone.utc), ttl)
         with db.transaction() as conn:
-            return budgets.apply(conn, [], [request])[0]
+            return settle_and_reserve(conn, [], [request])[0]
 
     def settle(rid: str, result: ReserveResult, actual: int) -> None:
         with db.transaction() as conn:
-            budgets.apply(conn, [Settlement(rid, result.refs, actual)], [])
+            settle_and_reserve(conn, [Settlement(rid, result.refs, actual)], [])
 
     def cycle(caps: list[BudgetDef]) -> tuple[list[float], list[float]]:
         res_t, settle_t = [], []

@@ -19,10 +19,15 @@ IN_FLIGHT = 50
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_sigkill_with_50_in_flight_leaves_no_request_unrecorded(
-        gateway_factory: Callable[..., GatewayProcess], mock_provider: MockProvider) -> None:
+        gateway_factory: Callable[..., GatewayProcess], mock_provider: MockProvider, store: str,
+        request: pytest.FixtureRequest) -> None:
+    # On PostgreSQL a batch is one autocommitted call (`store.pgbatch`): its rows are there, or its
+    # requests were never let go upstream.
+    db = {"db_url": request.getfixturevalue("pg_url")} if store == "postgres" else {}
     # A 1 s staleness horizon so the restart below is allowed to close the dead gateway's rows.
-    gw = gateway_factory(overrides={"budgets": {"reservation_ttl_seconds": 1}})
+    gw = gateway_factory(overrides={"budgets": {"reservation_ttl_seconds": 1}}, **db)
     key = gw.create_key("kim", team="t-crash")["key"]
     # The upstream holds every request until the gateway is gone (the mock then drops it).
     mock_provider.set_default("hang", hang_s=30)

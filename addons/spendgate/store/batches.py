@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, Sequence, Union
 
-from spendgate.store import audit, budgets, ratelimits
+from spendgate.store import audit, budgets, pgbatch, ratelimits
 from spendgate.store.audit import ESSENTIAL, AuditRow, ContentRow
 from spendgate.store.budgets import ReserveRequest, ReserveResult, Settlement
-from spendgate.store.plain import Link
+from spendgate.store.plain import Link, Transaction
 from spendgate.store.ratelimits import RateCheck, RateResult
 
 
@@ -86,6 +86,9 @@ def write_batch(link: Link, batch: list[Item]) -> None:
                 settles.append(p.settlement)
         else:
             reserving.append((item, p))
+    if not link.sqlite:
+        _write_pg(link, batch, inserts, completions, contents, settles, reserving, begins)
+        return
     with link.transaction() as conn:
         audit.write(conn, inserts, completions, contents)
         rates: dict[int, RateResult] = {}
@@ -108,6 +111,49 @@ def write_batch(link: Link, batch: list[Item]) -> None:
 
 
 _ALLOWED = RateResult(True)
+
+
+def settle_and_reserve(conn: Transaction, settles: Sequence[Settlement], reserves: Sequence[ReserveRequest]
+                       ) -> list[ReserveResult]:
+    """`budgets.apply` in this store's way: on PostgreSQL one round trip (`pgbatch`)."""
+    if conn.sqlite:
+        return budgets.apply(conn, settles, reserves)
+    found = pgbatch.call(conn, settles=settles, reserves=[(rq, None) for rq in reserves])[1]
+    return [r for r in found if r is not None]
+
+
+def take_rate(conn: Transaction, check: RateCheck) -> RateResult:
+    """`ratelimits.take` in this store's way: on PostgreSQL one round trip (`pgbatch`)."""
+    return ratelimits.take(conn, check) if conn.sqlite else pgbatch.call(conn, rates=[check])[0][0]
+
+
+def _write_pg(link: Link, batch: list[Item], inserts: list[AuditRow], completions: list[AuditRow],
+              contents: list[ContentRow], settles: list[Settlement], reserving: list[tuple[Item, ReserveRequest]],
+              begins: list[Item]) -> None:
+    """The batch as one statement in autocommit: one round trip (`pgbatch`), the same order of locks."""
+    rates: list[RateCheck] = []
+    rate_of: dict[int, int] = {}
+    reserves: list[tuple[ReserveRequest, int | None]] = [(rq, None) for _, rq in reserving]
+    owners = [item for item, _ in reserving]
+    for item in sorted(begins, key=_rate_order):
+        p = item.payload
+        assert isinstance(p, Begin)
+        if p.rate is not None:
+            rate_of[id(item)] = len(rates)
+            rates.append(p.rate)
+        if p.reserve is not None:
+            reserves.append((p.reserve, rate_of.get(id(item))))
+            owners.append(item)
+    with link.statement() as conn:
+        rate_results, results = pgbatch.call(conn, inserts=inserts, completions=completions, contents=contents,
+                                             rates=rates, settles=settles, reserves=reserves)
+    reserved = {id(item): result for item, result in zip(owners, results) if result is not None}
+    for item in batch:
+        if item.kind == "reserve":
+            item.result = reserved[id(item)]
+        elif item.kind == "begin":
+            at = rate_of.get(id(item))
+            item.result = Begun(None if at is None else rate_results[at], reserved.get(id(item)))
 
 
 def _rate_order(item: Item) -> str:

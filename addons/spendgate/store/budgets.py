@@ -81,7 +81,9 @@ def apply(conn: Transaction, settles: Sequence[Settlement], reserves: Sequence[R
     visited in (budget, period) order, so two instances' batches cannot deadlock on
     PostgreSQL. A request refused by one of its caps gives back the holds it already took
     (rows this transaction has locked), so a reservation is all or none.
-    Prepared statements on the plain driver: this runs for every capped request.
+    Prepared statements on the plain driver: this runs for every capped request on SQLite; on
+    PostgreSQL `spendgate_write_batch` runs the same statements in one round trip (`pgbatch`), and
+    `batches.settle_and_reserve` picks between the two.
     """
     # Settlements: replace reservations by actual cost (0 when the request failed).
     deltas: dict[tuple[int, datetime], list[int]] = {}  # (budget, period) -> [held, actual]

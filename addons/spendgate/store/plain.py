@@ -41,8 +41,9 @@ class Prepared:
         return f"Prepared({self.sql[:60]!r})"
 
 
-def _sqlite_time(value: datetime | None) -> str | None:
-    """As SQLAlchemy's SQLite DateTime stores it (always with microseconds), so both read it alike."""
+def utc_text(value: datetime | None) -> str | None:
+    """As SQLAlchemy's SQLite DateTime stores it (always with microseconds), so both read it alike;
+    PostgreSQL reads it as a timestamp too (`pgbatch` sends times in JSON so)."""
     if value is None:
         return None
     if value.tzinfo is not None:
@@ -99,7 +100,7 @@ class Transaction:
         if sqlite:
             self._cursor = driver_connection.cursor()
             self._cursor.row_factory = _named_row
-            self._time = _sqlite_time
+            self._time = utc_text
         else:
             from psycopg.rows import namedtuple_row  # only PostgreSQL stores need psycopg
 
@@ -140,9 +141,38 @@ class Link:
         self._engine: Any = None
         self._raw: Any = None
         self._tx: Transaction | None = None
+        self._autocommit = False  # PostgreSQL: the connection is in autocommit (`statement`)
+
+    @property
+    def sqlite(self) -> bool:
+        return self._sqlite
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
+        tx = self._connect(autocommit=False)
+        try:
+            yield tx
+            self._raw.commit()
+        except BaseException:
+            self._recover()
+            raise
+
+    @contextmanager
+    def statement(self) -> Iterator[Transaction]:
+        """For one statement that is its own transaction: on PostgreSQL in autocommit, so no BEGIN
+        and no COMMIT round trip (`pgbatch`); elsewhere as `transaction`."""
+        if self._sqlite:
+            with self.transaction() as tx:
+                yield tx
+            return
+        tx = self._connect(autocommit=True)
+        try:
+            yield tx
+        except BaseException:
+            self._recover()
+            raise
+
+    def _connect(self, autocommit: bool) -> Transaction:
         engine = self._engine_of()
         if self._raw is None or self._tx is None or engine is not self._engine:
             self.close()
@@ -150,12 +180,13 @@ class Link:
             for pragma in self._pragmas:
                 self._raw.driver_connection.execute(pragma)
             self._engine, self._tx = engine, Transaction(self._raw.driver_connection, self._sqlite)
-        try:
-            yield self._tx
-            self._raw.commit()
-        except BaseException:
-            self._recover()
-            raise
+        if not self._sqlite and self._autocommit != autocommit:
+            try:
+                self._raw.driver_connection.autocommit = self._autocommit = autocommit
+            except Exception:
+                self.close(invalidate=True)
+                raise
+        return self._tx
 
     def _recover(self) -> None:
         try:
@@ -165,12 +196,15 @@ class Link:
 
     def close(self, invalidate: bool = False) -> None:
         raw, self._raw, self._tx = self._raw, None, None
+        autocommit, self._autocommit = self._autocommit, False
         if raw is None:
             return
         try:
             if invalidate:
                 raw.invalidate()
             else:
+                if autocommit:
+                    raw.driver_connection.autocommit = False  # as the pool's other users expect it
                 raw.close()
         except Exception:
             pass

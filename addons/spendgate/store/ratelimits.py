@@ -43,18 +43,28 @@ _READ = Prepared("SELECT n, prev_n FROM rate_windows WHERE key_id = :k")
 
 
 def take(conn: Transaction, check: RateCheck) -> RateResult:
-    """Count one request for the key if the limit allows it."""
-    t = check.now.timestamp()
-    window = int(t // WINDOW_SECONDS)
-    into = (t % WINDOW_SECONDS) / WINDOW_SECONDS
-    weight = 1.0 - into  # the share of the previous minute still inside the last 60 s
-    key = {"k": check.key_id, "w": window}
+    """Count one request for the key if the limit allows it (on PostgreSQL the same statements run
+    in the server, `pgbatch`; `batches.take_rate` picks)."""
+    w, _, weight = window(check)
+    key = {"k": check.key_id, "w": w}
     conn.execute(_ENSURE, key)
     conn.execute(_ROLL, key)
     if conn.execute(_TAKE, {**key, "weight": weight, "rpm": check.rpm}).rowcount:
         return RateResult(True)
     row = conn.execute(_READ, {"k": check.key_id}).one()
-    n, prev = int(row.n), int(row.prev_n)
+    return refused(check, int(row.n), int(row.prev_n))
+
+
+def window(check: RateCheck) -> tuple[int, float, float]:
+    """This minute (since the epoch), how far into it `now` is (0..1), and the previous minute's weight."""
+    t = check.now.timestamp()
+    into = (t % WINDOW_SECONDS) / WINDOW_SECONDS
+    return int(t // WINDOW_SECONDS), into, 1.0 - into  # the share of the previous minute still inside the last 60 s
+
+
+def refused(check: RateCheck, n: int, prev: int) -> RateResult:
+    """The refusal, with when to retry, given this minute's count `n` and the previous one's `prev`."""
+    _, into, weight = window(check)
     if n + 1 > check.rpm or prev == 0:
         # This minute is full. After its end it is the previous minute, and still weighs n * weight:
         # one more fits once n * (1 - x) + 1 <= rpm, x into the next minute.

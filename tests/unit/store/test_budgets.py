@@ -1,19 +1,23 @@
 """spendgate.store.budgets against a real database (SQLite in tmp_path, and PostgreSQL when reachable):
-holds and settlement through `apply()` on the writer's connection, period boundaries with an
+holds and settlement as the audit writer runs them (`batches.settle_and_reserve`: on PostgreSQL in the
+server), period boundaries with an
 injected clock, all-or-none holds across caps, caps exact under concurrency and within one batch,
 expiry, and no deadlock between a batch and a reservation on PostgreSQL."""
 
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Sequence
 
 import pytest
+import sqlalchemy as sa
 
 from spendgate.periods import period_end
 from spendgate.stages.call import new_request_id
 from spendgate.store import Database
+from spendgate.store.batches import settle_and_reserve
 from spendgate.store.budgets import (
     BudgetDef,
     BudgetLedger,
@@ -21,10 +25,8 @@ from spendgate.store.budgets import (
     ReserveRequest,
     ReserveResult,
     Settlement,
-    apply,
 )
 from spendgate.store.keys import KeyStore
-from spendgate.store.plain import Prepared, Transaction
 from tests.unit.databases import empty_pg
 
 UTC = timezone.utc
@@ -59,7 +61,7 @@ def batch(db: Database, settles: Sequence[Settlement] = (), reserves: Sequence[R
           ) -> list[ReserveResult]:
     """One audit writer batch: its settlements and reservations in one transaction."""
     with db.transaction() as conn:
-        return apply(conn, settles, reserves)
+        return settle_and_reserve(conn, settles, reserves)
 
 
 def reserve(db: Database, request_id: str, budgets: Sequence[BudgetDef], amount_nusd: int, now: datetime,
@@ -266,82 +268,59 @@ def test_settle_and_reserve_in_one_batch(db: Database) -> None:
 
 
 @pytest.mark.postgres
-def test_settling_and_reserving_on_shared_caps_do_not_deadlock(pg_module_url: str,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """A reservation (user u2 and the team) and an audit batch settling two requests (u1 and the
-    team, u2 and the team) lock the same rows. Steered into the interleaving where the batch holds
-    the team's row while the reservation holds u2's (each pauses before its next statement on
-    budget_spend), both must still finish: with the rows locked in different orders, PostgreSQL
-    killed one as a deadlock — a request refused with 503, or an audit batch rolled back."""
+def test_settling_and_reserving_on_shared_caps_do_not_deadlock(pg_module_url: str) -> None:
+    """Two batches that lock the same budget rows (on PostgreSQL one statement each, `pgbatch`), steered
+    by a third connection into the interleaving that deadlocks when the rows are not locked in one
+    order: batch Y (a hold on u2 and the team) waits for u2 first; batch X (a hold on u2, and the
+    settlement of a request held on the team) comes next. Locked settlements-first, X would hold the
+    team's row while waiting behind Y for u2, and Y would then wait for the team: PostgreSQL kills one
+    as a deadlock (a request refused with 503, or an audit batch rolled back). In (budget, period)
+    order X waits for u2 holding nothing, and both finish."""
     db = Database(pg_module_url)
     empty_pg(db)
     try:
         now = utc(2026, 6, 10, 12)
-        for i in range(40):  # budget ids well away from every other parameter value below
-            make_budget(db, "user", f"filler{i}", CAP)
-        u1 = make_budget(db, "user", "u1", 1000 * CENT)
         u2 = make_budget(db, "user", "u2", 1000 * CENT)
         team = make_budget(db, "team", "t", 1000 * CENT)
-        a, b = rid(), rid()
-        ra = reserve(db, a, [u1, team], CENT, now)
-        rb = reserve(db, b, [u2, team], CENT, now)
-        assert admitted(ra) and admitted(rb)
-
-        reserver_holds_u2 = threading.Event()  # it is past its UPDATE of u2's row
-        settler_holds_team = threading.Event()  # it is past its UPDATEs of u1's and the team's rows
-        paused: set[str] = set()
-
-        def params_of(parameters: Any) -> set[Any]:
-            rows = parameters if isinstance(parameters, list) else [parameters]
-            out: set[Any] = set()
-            for p in rows:
-                out.update(p.values() if isinstance(p, dict) else p or ())
-            return out
-
-        def before(statement: str, parameters: Any) -> None:
-            me = threading.current_thread().name
-            if "budget_spend" not in statement or me in paused:
-                return
-            values = params_of(parameters)
-            if me == "reserver" and team.id in values:
-                paused.add(me)
-                reserver_holds_u2.set()
-                settler_holds_team.wait(3)
-            elif me == "settler" and u2.id in values:
-                paused.add(me)
-                reserver_holds_u2.wait(3)
-                settler_holds_team.set()
-
-        execute = Transaction.execute
-
-        def paced(tx: Transaction, stmt: Prepared, params: Any = None) -> Any:
-            before(stmt.sql, params)
-            return execute(tx, stmt, params)
-
-        monkeypatch.setattr(Transaction, "execute", paced)
+        assert u2.id < team.id
+        a = rid()
+        ra = reserve(db, a, [team], CENT, now)
+        reserve(db, rid(), [u2], CENT, now)  # both rows exist
         errors: list[str] = []
 
-        def reserver() -> None:
-            try:
-                assert admitted(reserve(db, rid(), [u2, team], CENT, now))
-            except Exception as e:  # noqa: BLE001 - the test reports it
-                errors.append(f"reserve: {type(e).__name__}: {str(e)[:160]}")
-
-        def settler() -> None:
-            try:
-                settle(db, (a, ra.refs, CENT), (b, rb.refs, CENT))
-            except Exception as e:  # noqa: BLE001
-                errors.append(f"settle batch: {type(e).__name__}: {str(e)[:160]}")
-
-        threads = [threading.Thread(target=reserver, name="reserver"), threading.Thread(target=settler, name="settler")]
-        for t in threads:
+        def run(name: str, settles: Sequence[Settlement], reserves: Sequence[ReserveRequest]) -> threading.Thread:
+            def go() -> None:
+                try:
+                    assert all(admitted(r) for r in batch(db, settles, reserves))
+                except Exception as e:  # noqa: BLE001 - the test reports it
+                    errors.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
+            t = threading.Thread(target=go, name=name)
             t.start()
-        for t in threads:
+            return t
+
+        def waiting_for_locks(n: int) -> None:
+            deadline = time.monotonic() + 10
+            with db.engine.connect() as watch:
+                while time.monotonic() < deadline:
+                    got = watch.execute(sa.text("SELECT count(*) FROM pg_stat_activity "
+                                                "WHERE datname = current_database() AND wait_event_type = 'Lock'"))
+                    if got.scalar() == n:
+                        return
+                    time.sleep(0.02)
+            raise AssertionError(f"{n} batches never waited for a row lock")
+
+        with db.engine.connect() as blocker:
+            blocker.execute(sa.text("SELECT 1 FROM budget_spend WHERE budget_id = :b FOR UPDATE"), {"b": u2.id})
+            y = run("Y", [], [ReserveRequest(rid(), (u2, team), CENT, now, TTL)])
+            waiting_for_locks(1)
+            x = run("X", [Settlement(a, ra.refs, CENT)], [ReserveRequest(rid(), (u2,), CENT, now, TTL)])
+            waiting_for_locks(2)
+            blocker.rollback()
+        for t in (x, y):
             t.join(30)
-        monkeypatch.undo()
-        assert paused == {"reserver", "settler"}  # the interleaving was reached
         assert errors == []
         st = status(db, now, "team", "t")
-        assert (st["spent_nusd"], st["reserved_nusd"]) == (2 * CENT, CENT)
+        assert (st["spent_nusd"], st["reserved_nusd"]) == (CENT, CENT)
+        assert status(db, now, "user", "u2")["reserved_nusd"] == 3 * CENT
     finally:
         db.close()

@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from spendgate.store import Database
-from spendgate.store.ratelimits import WINDOW_SECONDS, RateCheck, RateResult, take
+from spendgate.store.batches import take_rate as take
+from spendgate.store.ratelimits import WINDOW_SECONDS, RateCheck, RateResult
 
 UTC = timezone.utc
 T0 = datetime(2026, 5, 4, 10, 0, 0, tzinfo=UTC)  # the start of a minute

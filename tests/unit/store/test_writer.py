@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from spendgate.store import Database, ts_param
 from spendgate.store import writer as writer_module
 from spendgate.store.audit import AuditRow, ContentRow
-from spendgate.store.budgets import BudgetLedger, ReserveRequest, Settlement, apply
+from spendgate.store.batches import settle_and_reserve as apply
+from spendgate.store.budgets import BudgetLedger, ReserveRequest, Settlement
 from spendgate.store.keys import KeyStore
 from spendgate.store.writer import AuditUnavailable, AuditWriter, Finished
 from tests.unit.databases import sqlite_database
@@ -301,6 +302,7 @@ def test_a_row_postgresql_rejects_is_saved_without_it(pg_url: str) -> None:
     try:
         _salvage_case(w, d, row(model_requested="m" * 5000))
         _salvage_case(w, d, row(model_requested="nul \x00 byte"))
+        _salvage_case(w, d, row(user_agent="ua \ud800 lone surrogate"))  # JSON can carry it; jsonb cannot
     finally:
         w.stop()
         d.close()
