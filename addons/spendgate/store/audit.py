@@ -130,7 +130,7 @@ class AuditLog:
         with self.engine.begin() as conn:
             r = conn.execute(
                 sa.update(table)
-                .where(table.c.outcome == "incomplete", table.c.ended_at.is_(None), table.c.started_at < older_than,
+                .where(*_by_outcome(table, "incomplete"), table.c.ended_at.is_(None), table.c.started_at < older_than,
                        table.c.error.is_(None))
                 .values(error="gateway stopped before the request ended")
             )
@@ -141,7 +141,8 @@ class AuditLog:
         with self.engine.begin() as conn:
             r = conn.execute(
                 sa.update(table)
-                .where(table.c.outcome == "incomplete", table.c.instance_id == instance_id, table.c.ended_at.is_(None))
+                .where(*_by_outcome(table, "incomplete"), table.c.instance_id == instance_id,
+                       table.c.ended_at.is_(None))
                 .values(error="gateway stopped before the request ended")
             )
             return int(r.rowcount or 0)
@@ -171,9 +172,18 @@ class AuditLog:
         if until:
             q = q.where(t.c.started_at < until)
         if outcome:
-            q = q.where(t.c.outcome == outcome)
+            q = q.where(*_by_outcome(t, outcome))
         q = q.order_by(t.c.started_at.desc(), t.c.id)
         if limit:
             q = q.limit(limit)
         with self.engine.connect() as conn:
             return [AuditRow(**r._mapping) for r in conn.execute(q)]
+
+
+def _by_outcome(table: Any, outcome: str) -> list[Any]:
+    """The terms for rows of one outcome; for any but `completed` with the one that lets SQLite use
+    the outcome index (it holds only those rows, migration 0008, and SQLite does not infer it)."""
+    terms = [table.c.outcome == outcome]
+    if outcome != "completed":
+        terms.append(table.c.outcome != "completed")
+    return terms
