@@ -40,7 +40,7 @@ DECLARE
     rates_out jsonb := '[]';
     res_out jsonb := '[]';
     held jsonb := '{}';
-    r jsonb; o jsonb; w jsonb; e jsonb;
+    r jsonb; o jsonb; w jsonb; e jsonb; c audit_log;
     i int; k int;
     b int; ps timestamp; amt bigint; win bigint;
     ensured boolean; ok boolean;
@@ -50,10 +50,10 @@ BEGIN
     IF batch ? 'inserts' THEN
         INSERT INTO audit_log SELECT * FROM jsonb_populate_recordset(NULL::audit_log, batch->'inserts');
     END IF;
-    IF batch ? 'completions' THEN
-        UPDATE audit_log a SET %(completion)s
-        FROM jsonb_populate_recordset(NULL::audit_log, batch->'completions') c WHERE a.id = c.id;
-    END IF;
+    -- One UPDATE by primary key per row: joined to the JSON instead, the planner may scan the table.
+    FOR c IN SELECT * FROM jsonb_populate_recordset(NULL::audit_log, batch->'completions') LOOP
+        UPDATE audit_log SET %(completion)s WHERE id = c.id;
+    END LOOP;
     IF batch ? 'contents' THEN
         INSERT INTO audit_content SELECT * FROM jsonb_populate_recordset(NULL::audit_content, batch->'contents');
     END IF;
@@ -87,7 +87,7 @@ BEGIN
     IF batch ? 'settle_rids' THEN
         WITH d AS (
             DELETE FROM reservations
-            WHERE request_id IN (SELECT jsonb_array_elements_text(batch->'settle_rids'))
+            WHERE request_id = ANY (ARRAY(SELECT jsonb_array_elements_text(batch->'settle_rids')))
             RETURNING request_id, budget_id, amount_nusd)
         SELECT coalesce(jsonb_object_agg(d.request_id || ' ' || d.budget_id, d.amount_nusd), '{}') INTO held FROM d;
     END IF;
