@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Callable, Literal, Sequence, Union
 
 from spendgate.store import audit, budgets, pgbatch, ratelimits
 from spendgate.store.audit import ESSENTIAL, AuditRow, ContentRow
@@ -66,29 +66,13 @@ class Item:
 def write_batch(link: Link, batch: list[Item]) -> None:
     """One batch's transaction: rows inserted and completed, rate counts, reservations and settlements;
     each item's `result` set once it is committed."""
-    inserts: list[AuditRow] = []
-    completions: list[AuditRow] = []
-    contents: list[ContentRow] = []
-    settles: list[Settlement] = []
-    reserving: list[tuple[Item, ReserveRequest]] = []
-    begins: list[Item] = []
-    for item in batch:
-        p = item.payload
-        if isinstance(p, Begin):
-            inserts.append(p.row)
-            if p.rate is not None or p.reserve is not None:
-                begins.append(item)
-        elif isinstance(p, Finished):
-            (completions if p.begun else inserts).append(p.row)
-            if p.content is not None:
-                contents.append(p.content)
-            if p.settlement is not None:
-                settles.append(p.settlement)
-        else:
-            reserving.append((item, p))
-    if not link.sqlite:
-        _write_pg(link, batch, inserts, completions, contents, settles, reserving, begins)
+    if not link.sqlite:  # one statement in autocommit: one round trip (`pgbatch`), the same order of locks
+        call, settle = _pg_call(batch)
+        with link.statement() as conn:
+            out = conn.execute(pgbatch.CALL, {"batch": call.json}).one().out
+        settle(out)
         return
+    inserts, completions, contents, settles, reserving, begins = _sort(batch)
     with link.transaction() as conn:
         audit.write(conn, inserts, completions, contents)
         rates: dict[int, RateResult] = {}
@@ -113,6 +97,32 @@ def write_batch(link: Link, batch: list[Item]) -> None:
 _ALLOWED = RateResult(True)
 
 
+def _sort(batch: list[Item]) -> tuple[list[AuditRow], list[AuditRow], list[ContentRow], list[Settlement],
+                                      list[tuple[Item, ReserveRequest]], list[Item]]:
+    """The batch's rows to insert and complete, contents, settlements, reservations and begins."""
+    inserts: list[AuditRow] = []
+    completions: list[AuditRow] = []
+    contents: list[ContentRow] = []
+    settles: list[Settlement] = []
+    reserving: list[tuple[Item, ReserveRequest]] = []
+    begins: list[Item] = []
+    for item in batch:
+        p = item.payload
+        if isinstance(p, Begin):
+            inserts.append(p.row)
+            if p.rate is not None or p.reserve is not None:
+                begins.append(item)
+        elif isinstance(p, Finished):
+            (completions if p.begun else inserts).append(p.row)
+            if p.content is not None:
+                contents.append(p.content)
+            if p.settlement is not None:
+                settles.append(p.settlement)
+        else:
+            reserving.append((item, p))
+    return inserts, completions, contents, settles, reserving, begins
+
+
 def settle_and_reserve(conn: Transaction, settles: Sequence[Settlement], reserves: Sequence[ReserveRequest]
                        ) -> list[ReserveResult]:
     """`budgets.apply` in this store's way: on PostgreSQL one round trip (`pgbatch`)."""
@@ -127,10 +137,9 @@ def take_rate(conn: Transaction, check: RateCheck) -> RateResult:
     return ratelimits.take(conn, check) if conn.sqlite else pgbatch.call(conn, rates=[check])[0][0]
 
 
-def _write_pg(link: Link, batch: list[Item], inserts: list[AuditRow], completions: list[AuditRow],
-              contents: list[ContentRow], settles: list[Settlement], reserving: list[tuple[Item, ReserveRequest]],
-              begins: list[Item]) -> None:
-    """The batch as one statement in autocommit: one round trip (`pgbatch`), the same order of locks."""
+def _pg_call(batch: list[Item]) -> tuple[pgbatch.Call, Callable[[Any], None]]:
+    """The batch as `spendgate_write_batch`'s argument, and what sets each item's result from its answer."""
+    inserts, completions, contents, settles, reserving, begins = _sort(batch)
     rates: list[RateCheck] = []
     rate_of: dict[int, int] = {}
     reserves: list[tuple[ReserveRequest, int | None]] = [(rq, None) for _, rq in reserving]
@@ -144,16 +153,20 @@ def _write_pg(link: Link, batch: list[Item], inserts: list[AuditRow], completion
         if p.reserve is not None:
             reserves.append((p.reserve, rate_of.get(id(item))))
             owners.append(item)
-    with link.statement() as conn:
-        rate_results, results = pgbatch.call(conn, inserts=inserts, completions=completions, contents=contents,
-                                             rates=rates, settles=settles, reserves=reserves)
-    reserved = {id(item): result for item, result in zip(owners, results) if result is not None}
-    for item in batch:
-        if item.kind == "reserve":
-            item.result = reserved[id(item)]
-        elif item.kind == "begin":
-            at = rate_of.get(id(item))
-            item.result = Begun(None if at is None else rate_results[at], reserved.get(id(item)))
+    call = pgbatch.Call(inserts=inserts, completions=completions, contents=contents, rates=rates, settles=settles,
+                        reserves=reserves)
+
+    def settle(out: Any) -> None:
+        rate_results, results = call.results(out)
+        reserved = {id(item): result for item, result in zip(owners, results) if result is not None}
+        for item in batch:
+            if item.kind == "reserve":
+                item.result = reserved[id(item)]
+            elif item.kind == "begin":
+                at = rate_of.get(id(item))
+                item.result = Begun(None if at is None else rate_results[at], reserved.get(id(item)))
+
+    return call, settle
 
 
 def _rate_order(item: Item) -> str:

@@ -23,47 +23,58 @@ from spendgate.store.budgets import Blocked, BudgetDef, BudgetRef, ReserveReques
 from spendgate.store.plain import Prepared, Transaction, utc_text
 from spendgate.store.ratelimits import RateCheck, RateResult
 
-_CALL = Prepared("SELECT spendgate_write_batch(CAST(:batch AS jsonb)) AS out")
-
 Row = tuple[int, datetime]  # (budget, period start)
+CALL = Prepared("SELECT spendgate_write_batch(CAST(:batch AS jsonb)) AS out")
 
 
-def call(conn: Transaction, *, inserts: Sequence[AuditRow] = (), completions: Sequence[AuditRow] = (),
-         contents: Sequence[ContentRow] = (), rates: Sequence[RateCheck] = (), settles: Sequence[Settlement] = (),
-         reserves: Sequence[tuple[ReserveRequest, int | None]] = (),
-         ) -> tuple[list[RateResult], list[ReserveResult | None]]:
-    """One batch in one statement. `rates` in key order (the rows' lock order); each reservation
-    names the rate count it waits on (an index into `rates`) or None. Returns each rate count's
-    result and each reservation's (None for one whose rate count refused it)."""
-    batch: dict[str, Any] = {}
-    if inserts:
-        batch["inserts"] = [_row(r, COLUMNS) for r in inserts]
-    if completions:
-        batch["completions"] = [_row(r, ("id", *COMPLETION)) for r in completions]
-    if contents:
-        batch["contents"] = [{**dataclasses.asdict(c), "captured_at": utc_text(c.captured_at)} for c in contents]
-    if rates:
-        batch["rates"] = [_rate(c) for c in rates]
-    rows, budget_of = _plan(batch, settles, [rq for rq, _ in reserves])
-    if reserves:
-        batch["reserves"] = [{"rid": rq.request_id, "amt": rq.amount_nusd, "exp": utc_text(rq.now + rq.ttl),
-                              "rate": rate} for rq, rate in reserves]
-    out = conn.execute(_CALL, {"batch": json.dumps(batch, separators=(",", ":"))}).one().out
-    rate_results = [RateResult(True) if r[0] else ratelimits.refused(c, int(r[1]), int(r[2]))
-                    for c, r in zip(rates, out["rates"])]
-    results: list[ReserveResult | None] = []
-    for i, ((rq, _), (gated, blocked, held, left)) in enumerate(zip(reserves, out["reserves"])):
-        if not gated:
-            results.append(None)
-        elif blocked is not None:
-            k, spent, reserved, cap = blocked
-            b = budget_of[(i, rows[k][0])]
-            results.append(ReserveResult((), None, Blocked(b.scope, b.name, b.period, int(spent), int(reserved),
-                                                           int(cap), period_end(b.period, rq.now))))
-        else:
-            refs = tuple(BudgetRef(*rows[k]) for k in held)
-            results.append(ReserveResult(refs, None if left is None else int(left)))
-    return rate_results, results
+class Call:
+    """One batch as the function's argument (`json`), and the reading of its answer (`results`).
+    `rates` in key order (the rows' lock order); each reservation names the rate count it waits on
+    (an index into `rates`) or None."""
+
+    def __init__(self, *, inserts: Sequence[AuditRow] = (), completions: Sequence[AuditRow] = (),
+                 contents: Sequence[ContentRow] = (), rates: Sequence[RateCheck] = (),
+                 settles: Sequence[Settlement] = (), reserves: Sequence[tuple[ReserveRequest, int | None]] = ()):
+        batch: dict[str, Any] = {}
+        if inserts:
+            batch["inserts"] = [_row(r, COLUMNS) for r in inserts]
+        if completions:
+            batch["completions"] = [_row(r, ("id", *COMPLETION)) for r in completions]
+        if contents:
+            batch["contents"] = [{**dataclasses.asdict(c), "captured_at": utc_text(c.captured_at)} for c in contents]
+        if rates:
+            batch["rates"] = [_rate(c) for c in rates]
+        self._rows, self._budget_of = _plan(batch, settles, [rq for rq, _ in reserves])
+        if reserves:
+            batch["reserves"] = [{"rid": rq.request_id, "amt": rq.amount_nusd, "exp": utc_text(rq.now + rq.ttl),
+                                  "rate": rate} for rq, rate in reserves]
+        self._rates, self._reserves = rates, reserves
+        self.json = json.dumps(batch, separators=(",", ":"))
+
+    def results(self, out: dict[str, Any]) -> tuple[list[RateResult], list[ReserveResult | None]]:
+        """Each rate count's result and each reservation's (None for one its rate count refused)."""
+        rows, budget_of = self._rows, self._budget_of
+        rate_results = [RateResult(True) if r[0] else ratelimits.refused(c, int(r[1]), int(r[2]))
+                        for c, r in zip(self._rates, out["rates"])]
+        results: list[ReserveResult | None] = []
+        for i, ((rq, _), (gated, blocked, held, left)) in enumerate(zip(self._reserves, out["reserves"])):
+            if not gated:
+                results.append(None)
+            elif blocked is not None:
+                k, spent, reserved, cap = blocked
+                b = budget_of[(i, rows[k][0])]
+                results.append(ReserveResult((), None, Blocked(b.scope, b.name, b.period, int(spent), int(reserved),
+                                                               int(cap), period_end(b.period, rq.now))))
+            else:
+                refs = tuple(BudgetRef(*rows[k]) for k in held)
+                results.append(ReserveResult(refs, None if left is None else int(left)))
+        return rate_results, results
+
+
+def call(conn: Transaction, **batch: Any) -> tuple[list[RateResult], list[ReserveResult | None]]:
+    """One batch in one statement on `conn` (`Call` says what `batch` holds)."""
+    c = Call(**batch)
+    return c.results(conn.execute(CALL, {"batch": c.json}).one().out)
 
 
 def _plan(batch: dict[str, Any], settles: Sequence[Settlement], reserves: Sequence[ReserveRequest]
