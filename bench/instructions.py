@@ -16,6 +16,7 @@ a time; the client and the mock run natively.
 
     .venv/bin/python bench/instructions.py                          # c=1 and c=16, plain (~4 min)
     .venv/bin/python bench/instructions.py --modes plain stream --concurrency 1
+    .venv/bin/python bench/instructions.py --database postgresql --concurrency 1   # the store on 127.0.0.1:5432
 
 Not run by CI.
 """
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _procs import PYTHON, MockProcess, port_open, wait_until  # noqa: E402
 from proxy_overhead import BENCH_DIR, MITMDUMP, MODEL, PROMPT, _clean_env, mitmdump_ca, stop_proc  # noqa: E402
+from side_by_side import database  # noqa: E402
 
 URL = "https://api.openai.com/v1/chat/completions"
 VALGRIND = ["valgrind", "--tool=callgrind", "--trace-children=no"]
@@ -106,15 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--no-cap", action="store_true", help="the bench user under no cap")
+    ap.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     args = ap.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind (callgrind) is not installed")
     from tests.rig.gateway import GatewayProcess, free_port
 
-    print("instructions: bare mitmdump (as installed) and spendgate serve (python -O; audit on SQLite, "
+    print(f"instructions: bare mitmdump (as installed) and spendgate serve (python -O; audit on {args.database}, "
           f"{'no cap' if args.no_cap else 'a cap'}, metrics), each under callgrind")
     results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="sg-instr-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sg-instr-") as tmp, database(args.database) as db_url:
         work = Path(tmp)
         mock = MockProcess()
         try:
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stop_proc(md, 60)
             # spendgate serve
-            gw = GatewayProcess(work / "gateway", mock.url, name="instr-gateway")
+            gw = GatewayProcess(work / "gateway", mock.url, name="instr-gateway", db_url=db_url)
             gw.write_config()
             key = gw.create_key("bench", team="perf", cap=None if args.no_cap else "100000", period="month")["key"]
             out = work / "gateway.callgrind"
