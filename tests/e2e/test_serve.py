@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from spendgate.store import Database
 from tests.rig.gateway import GatewayProcess
 from tests.rig.mock_provider import MockProvider
 
@@ -38,7 +39,7 @@ def test_start_up_says_addresses_config_database_providers_ca_and_next_step(json
     text = "\n".join(msgs)
     assert f"127.0.0.1:{json_gw.port}" in text and f"http://127.0.0.1:{json_gw.metrics_port}/metrics" in text
     assert f"config: {json_gw.config_path.resolve()}" in text
-    assert f"database: sqlite:///{Path(json_gw.db_path)}" in text and "schema 0006" in text
+    assert f"database: sqlite:///{Path(json_gw.db_path)}" in text and f"schema {Database.head_revision()}" in text
     assert "provider openai: key from env:OPENAI_API_KEY: present" in text
     assert "provider gemini: key from env:GEMINI_API_KEY: MISSING" in text
     assert f"CA certificate: {json_gw.ca_path}" in text
