@@ -8,9 +8,10 @@ before its request goes upstream and completed, with `COMPLETION` columns only, 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import sqlalchemy as sa
 
@@ -58,12 +59,16 @@ class AuditRow:
     cut_fields: str | None = None
     cost_source: str | None = None  # provider | override | fallback | unknown
 
-    def params(self, columns: Sequence[str]) -> dict[str, Any]:
-        return {c: _plain(getattr(self, c)) for c in columns}
+    def params(self, columns: tuple[str, ...]) -> dict[str, Any]:
+        """The row's values by column name. StrEnum values stay as they are: sqlite3 binds them as text,
+        and `pgbatch` sends JSON, where they are their value."""
+        getter = _GETTERS.get(columns)
+        if getter is None:
+            getter = _GETTERS[columns] = operator.attrgetter(*columns)
+        return dict(zip(columns, getter(self)))
 
 
-def _plain(value: object) -> object:
-    return str(value) if isinstance(value, str) else value  # StrEnum values go to the driver as plain str
+_GETTERS: dict[tuple[str, ...], Callable[[AuditRow], tuple[Any, ...]]] = {}
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AuditRow))
@@ -73,6 +78,7 @@ COMPLETION: tuple[str, ...] = (
     "reasoning_tokens", "usage_source", "cost_nusd", "cost_source", "latency_ms", "ttft_ms", "response_bytes",
     "model_reported", "upstream_request_id", "error", "cut_fields",
 )
+COMPLETE_COLUMNS = ("id", *COMPLETION)  # a completion's UPDATE: the row's id, and what it sets
 # The columns a row keeps when the store rejects it: it must still say who, when, where and how it ended.
 ESSENTIAL = frozenset({"id", "started_at", "provider", "host", "method", "path", "endpoint_kind", "outcome",
                        "instance_id", "user", "team", "key_id"})
@@ -101,8 +107,7 @@ _INSERT = _statement(
     "INSERT INTO audit_log (" + ", ".join(f'"{c}"' for c in COLUMNS) + ") VALUES ("
     + ", ".join(f":{c}" for c in COLUMNS) + ")", COLUMNS)
 _COMPLETE = _statement(
-    "UPDATE audit_log SET " + ", ".join(f'"{c}" = :{c}' for c in COMPLETION) + " WHERE id = :id",
-    ("id", *COMPLETION))
+    "UPDATE audit_log SET " + ", ".join(f'"{c}" = :{c}' for c in COMPLETION) + " WHERE id = :id", COMPLETE_COLUMNS)
 _CONTENT_COLUMNS = tuple(f.name for f in dataclasses.fields(ContentRow))
 _CONTENT = _statement(
     "INSERT INTO audit_content (" + ", ".join(_CONTENT_COLUMNS) + ") VALUES ("
@@ -115,7 +120,7 @@ def write(conn: Transaction, inserts: Sequence[AuditRow], completions: Sequence[
     if inserts:
         conn.execute(_INSERT, [r.params(COLUMNS) for r in inserts])
     if completions:
-        conn.execute(_COMPLETE, [r.params(("id", *COMPLETION)) for r in completions])
+        conn.execute(_COMPLETE, [r.params(COMPLETE_COLUMNS) for r in completions])
     if contents:
         conn.execute(_CONTENT, [dataclasses.asdict(c) for c in contents])
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from spendgate.periods import period_end, period_start
 from spendgate.store import ratelimits
-from spendgate.store.audit import COLUMNS, COMPLETION, AuditRow, ContentRow
+from spendgate.store.audit import COLUMNS, COMPLETE_COLUMNS, AuditRow, ContentRow
 from spendgate.store.budgets import Blocked, BudgetDef, BudgetRef, ReserveRequest, ReserveResult, Settlement
 from spendgate.store.plain import Prepared, Transaction, utc_text
 from spendgate.store.ratelimits import RateCheck, RateResult
@@ -39,7 +39,7 @@ class Call:
         if inserts:
             batch["inserts"] = [_row(r, COLUMNS) for r in inserts]
         if completions:
-            batch["completions"] = [_row(r, ("id", *COMPLETION)) for r in completions]
+            batch["completions"] = [_row(r, COMPLETE_COLUMNS) for r in completions]
         if contents:
             batch["contents"] = [{**dataclasses.asdict(c), "captured_at": utc_text(c.captured_at)} for c in contents]
         if rates:
@@ -108,7 +108,7 @@ def _plan(batch: dict[str, Any], settles: Sequence[Settlement], reserves: Sequen
     return rows, budget_of
 
 
-def _row(row: AuditRow, columns: Sequence[str]) -> dict[str, Any]:
+def _row(row: AuditRow, columns: tuple[str, ...]) -> dict[str, Any]:
     out = row.params(columns)
     for name in ("started_at", "ended_at"):
         if name in out:
