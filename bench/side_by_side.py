@@ -77,6 +77,31 @@ def start_gateway(work: Path, mock_url: str, db_url: str | None, cap: bool = Tru
     return gw, key
 
 
+@contextlib.contextmanager
+def proxies(work: Path, db_url: str | None, cap: bool = True, bare_optimized: bool = False
+            ) -> Iterator[tuple[MockProcess, Any, Target, Target]]:
+    """The mock, and bare mitmdump and `spendgate serve` on it: (mock, gateway process, bare, ours)."""
+    from tests.rig.gateway import free_port
+
+    mock = MockProcess()
+    md = gw = None
+    try:
+        md_port = free_port()
+        md = start_bare_mitmdump(work / "mitmdump", mock.port, md_port, optimized=bare_optimized)
+        gw, key = start_gateway(work / "gateway", mock.url, db_url, cap=cap)
+        bare = Target("mitmdump", "https://api.openai.com/v1/chat/completions", mitmdump_ca(work),
+                      f"http://127.0.0.1:{md_port}", md.pid)
+        ours = Target("gateway", "https://api.openai.com/v1/chat/completions", str(gw.ca_path),
+                      gw.proxy_url(key, "bench"), gw.proc.pid)
+        yield mock, gw, bare, ours
+    finally:
+        if gw is not None:
+            gw.stop()
+        if md is not None:
+            stop_proc(md)
+        mock.stop()
+
+
 def measure(target: Target, mock_pid: int, mode: str, conc: int, args: argparse.Namespace) -> dict[str, Any]:
     kids = children_cpu(target.pid) if target.pid else []
     r = run_load(target, mock_pid, mode=mode, concurrency=conc, requests=args.requests, seconds=args.seconds)
@@ -109,37 +134,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.seconds:.0f} s per run; {os.cpu_count()} cores shared by client, mock and proxies; "
           f"load average at start {os.getloadavg()[0]:.2f}")
     results: dict[tuple[str, int], list[tuple[dict[str, Any], dict[str, Any]]]] = {c: [] for c in configs}
-    with tempfile.TemporaryDirectory(prefix="sg-side-") as tmp, database(args.database) as db_url:
-        work = Path(tmp)
-        mock = MockProcess()
-        md = gw = None
-        try:
-            from tests.rig.gateway import free_port
-
-            md_port = free_port()
-            md = start_bare_mitmdump(work / "mitmdump", mock.port, md_port, optimized=args.bare_optimized)
-            gw, key = start_gateway(work / "gateway", mock.url, db_url, cap=not args.no_cap)
-            bare = Target("mitmdump", "https://api.openai.com/v1/chat/completions", mitmdump_ca(work),
-                          f"http://127.0.0.1:{md_port}", md.pid)
-            ours = Target("gateway", "https://api.openai.com/v1/chat/completions", str(gw.ca_path),
-                          gw.proxy_url(key, "bench"), gw.proc.pid)
-            print("    path         ok   req/s  p50 ms  p99 ms  ttfb50  CPU µs/request (event loop + threads)  other")
-            for rnd in range(1, args.rounds + 1):
-                for mode, conc in configs:
-                    print(f"  round {rnd}: {mode}, c={conc}")
-                    # Alternate which goes first, so neither always runs on a warmer machine.
-                    pair = [bare, ours] if rnd % 2 else [ours, bare]
-                    got = {t.name: measure(t, mock.pid, mode, conc, args) for t in pair}
-                    for name in ("mitmdump", "gateway"):
-                        print(row(name, got[name]), flush=True)
-                    results[(mode, conc)].append((got["mitmdump"], got["gateway"]))
-            audited = gw.cli_json("usage", "--by", "user", "--since", "today")
-        finally:
-            if gw is not None:
-                gw.stop()
-            if md is not None:
-                stop_proc(md)
-            mock.stop()
+    with tempfile.TemporaryDirectory(prefix="sg-side-") as tmp, database(args.database) as db_url, \
+            proxies(Path(tmp), db_url, not args.no_cap, args.bare_optimized) as (mock, gw, bare, ours):
+        print("    path         ok   req/s  p50 ms  p99 ms  ttfb50  CPU µs/request (event loop + threads)  other")
+        for rnd in range(1, args.rounds + 1):
+            for mode, conc in configs:
+                print(f"  round {rnd}: {mode}, c={conc}")
+                # Alternate which goes first, so neither always runs on a warmer machine.
+                pair = [bare, ours] if rnd % 2 else [ours, bare]
+                got = {t.name: measure(t, mock.pid, mode, conc, args) for t in pair}
+                for name in ("mitmdump", "gateway"):
+                    print(row(name, got[name]), flush=True)
+                results[(mode, conc)].append((got["mitmdump"], got["gateway"]))
+        audited = gw.cli_json("usage", "--by", "user", "--since", "today")
     print(f"\nsummary ({args.database}): gateway / mitmdump server CPU per request, median [min–max] of "
           f"{args.rounds} rounds")
     goal_for = {k: (PG_GOAL if args.database == "postgresql" else v) for k, v in GOALS.items()}

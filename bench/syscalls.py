@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _procs import CLK_TCK, MockProcess  # noqa: E402
-from proxy_overhead import Target, mitmdump_ca, run_load, start_bare_mitmdump, stop_proc  # noqa: E402
-from side_by_side import database, start_gateway  # noqa: E402
+from _procs import CLK_TCK  # noqa: E402
+from proxy_overhead import Target, run_load  # noqa: E402
+from side_by_side import database, proxies  # noqa: E402
 
 _LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
 
@@ -73,42 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if shutil.which("strace") is None:
         raise SystemExit("strace is not installed (apt-get install strace)")
-    with tempfile.TemporaryDirectory(prefix="sg-sys-") as tmp, database(args.database) as db_url:
+    with tempfile.TemporaryDirectory(prefix="sg-sys-") as tmp, database(args.database) as db_url, \
+            proxies(Path(tmp), db_url) as (mock, _, bare, ours):
         work = Path(tmp)
-        mock = MockProcess()
-        md = gw = None
-        try:
-            from tests.rig.gateway import free_port
-
-            md_port = free_port()
-            md = start_bare_mitmdump(work / "mitmdump", mock.port, md_port)
-            gw, key = start_gateway(work / "gateway", mock.url, db_url)
-            bare = Target("mitmdump", "https://api.openai.com/v1/chat/completions", mitmdump_ca(work),
-                          f"http://127.0.0.1:{md_port}", md.pid)
-            ours = Target("gateway", "https://api.openai.com/v1/chat/completions", str(gw.ca_path),
-                          gw.proxy_url(key, "bench"), gw.proc.pid)
-            for spec in args.configs:
-                mode, conc = spec.split(":")[0], int(spec.split(":")[1])
-                split = {t.name: user_system(t, mock.pid, mode, conc, args.requests * 4) for t in (bare, ours)}
-                got = {t.name: counted(t, mock.pid, mode, conc, args.requests, work / f"{t.name}.strace")
-                       for t in (bare, ours)}
-                names = sorted(set(got["mitmdump"]) | set(got["gateway"]),
-                               key=lambda s: -max(got["gateway"].get(s, 0), got["mitmdump"].get(s, 0)))
-                print(f"{args.database}, {mode} c={conc}: system calls per request")
-                print(f"    {'call':<16} {'mitmdump':>9} {'gateway':>9}")
-                for name in names:
-                    a, b = got["mitmdump"].get(name, 0.0), got["gateway"].get(name, 0.0)
-                    if max(a, b) >= 0.05:
-                        print(f"    {name:<16} {a:>9.2f} {b:>9.2f}")
-                print(f"    {'total':<16} {sum(got['mitmdump'].values()):>9.2f} {sum(got['gateway'].values()):>9.2f}")
-                for i, what in enumerate(("user CPU µs", "system CPU µs")):
-                    print(f"    {what:<16} {split['mitmdump'][i]:>9.0f} {split['gateway'][i]:>9.0f}  (untraced)")
-        finally:
-            if gw is not None:
-                gw.stop()
-            if md is not None:
-                stop_proc(md)
-            mock.stop()
+        for spec in args.configs:
+            mode, conc = spec.split(":")[0], int(spec.split(":")[1])
+            split = {t.name: user_system(t, mock.pid, mode, conc, args.requests * 4) for t in (bare, ours)}
+            got = {t.name: counted(t, mock.pid, mode, conc, args.requests, work / f"{t.name}.strace")
+                   for t in (bare, ours)}
+            names = sorted(set(got["mitmdump"]) | set(got["gateway"]),
+                           key=lambda s: -max(got["gateway"].get(s, 0), got["mitmdump"].get(s, 0)))
+            print(f"{args.database}, {mode} c={conc}: system calls per request")
+            print(f"    {'call':<16} {'mitmdump':>9} {'gateway':>9}")
+            for name in names:
+                a, b = got["mitmdump"].get(name, 0.0), got["gateway"].get(name, 0.0)
+                if max(a, b) >= 0.05:
+                    print(f"    {name:<16} {a:>9.2f} {b:>9.2f}")
+            print(f"    {'total':<16} {sum(got['mitmdump'].values()):>9.2f} {sum(got['gateway'].values()):>9.2f}")
+            for i, what in enumerate(("user CPU µs", "system CPU µs")):
+                print(f"    {what:<16} {split['mitmdump'][i]:>9.0f} {split['gateway'][i]:>9.0f}  (untraced)")
     return 0
 
 

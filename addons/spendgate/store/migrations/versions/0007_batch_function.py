@@ -110,17 +110,7 @@ BEGIN
             i := (w->>'i')::int + 1;
             CONTINUE WHEN NOT gated[i] OR blocked[i] IS NOT NULL;
             amt := (w->>'amt')::bigint;
-            UPDATE budget_spend SET reserved_nusd = reserved_nusd + amt
-                WHERE budget_id = b AND period_start = ps
-                AND spent_nusd + reserved_nusd + amt <= (SELECT cap_nusd FROM budgets WHERE id = b)
-                AND spent_nusd + reserved_nusd < (SELECT cap_nusd FROM budgets WHERE id = b)
-                RETURNING spent_nusd, reserved_nusd, (SELECT cap_nusd FROM budgets WHERE id = b)
-                INTO s_spent, s_reserved, s_cap;
-            ok := FOUND;
-            IF NOT ok AND NOT ensured THEN  -- the period's first hold on this cap: create its row
-                INSERT INTO budget_spend (budget_id, period_start, spent_nusd, reserved_nusd) VALUES (b, ps, 0, 0)
-                    ON CONFLICT DO NOTHING;
-                ensured := true;
+            LOOP  -- the hold; at most once more after creating the period's row on its first hold
                 UPDATE budget_spend SET reserved_nusd = reserved_nusd + amt
                     WHERE budget_id = b AND period_start = ps
                     AND spent_nusd + reserved_nusd + amt <= (SELECT cap_nusd FROM budgets WHERE id = b)
@@ -128,7 +118,11 @@ BEGIN
                     RETURNING spent_nusd, reserved_nusd, (SELECT cap_nusd FROM budgets WHERE id = b)
                     INTO s_spent, s_reserved, s_cap;
                 ok := FOUND;
-            END IF;
+                EXIT WHEN ok OR ensured;
+                INSERT INTO budget_spend (budget_id, period_start, spent_nusd, reserved_nusd) VALUES (b, ps, 0, 0)
+                    ON CONFLICT DO NOTHING;
+                ensured := true;
+            END LOOP;
             IF NOT ok THEN  -- the cap would be passed: say why, and give back the earlier holds (all or none)
                 SELECT s.spent_nusd, s.reserved_nusd, bb.cap_nusd INTO s_spent, s_reserved, s_cap
                     FROM budget_spend s JOIN budgets bb ON bb.id = s.budget_id
