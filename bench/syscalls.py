@@ -32,20 +32,37 @@ from side_by_side import database, proxies  # noqa: E402
 _LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
 
 
-def user_system(target: Target, mock_pid: int, mode: str, conc: int, requests: int) -> tuple[float, float]:
-    """User and system CPU µs per request of one run, untraced."""
+def user_system(target: Target, mock_pid: int, mode: str, conc: int, requests: int) -> tuple[float, ...]:
+    """User and system CPU µs per request of one run, untraced, and its threads' voluntary and
+    involuntary context switches per request (each a thread that blocked or was preempted)."""
     assert target.pid is not None
-    before = _times(target.pid)
+    before, switched = _times(target.pid), _switches(target.pid)
     r = run_load(target, mock_pid, mode=mode, concurrency=conc, requests=requests, seconds=600)
-    after = _times(target.pid)
+    after, switched_after = _times(target.pid), _switches(target.pid)
     n = max(r["n"] + r["errors"], 1)
-    return (after[0] - before[0]) / n * 1e6, (after[1] - before[1]) / n * 1e6
+    return ((after[0] - before[0]) / n * 1e6, (after[1] - before[1]) / n * 1e6,
+            (switched_after[0] - switched[0]) / n, (switched_after[1] - switched[1]) / n)
 
 
 def _times(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def _switches(pid: int) -> tuple[int, int]:
+    voluntary = involuntary = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # a thread that just ended
+            continue
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches"):
+                involuntary += int(line.split()[1])
+    return voluntary, involuntary
 
 
 def counted(target: Target, mock_pid: int, mode: str, conc: int, requests: int, out: Path) -> dict[str, float]:
@@ -90,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                 if max(a, b) >= 0.05:
                     print(f"    {name:<16} {a:>9.2f} {b:>9.2f}")
             print(f"    {'total':<16} {sum(got['mitmdump'].values()):>9.2f} {sum(got['gateway'].values()):>9.2f}")
-            for i, what in enumerate(("user CPU µs", "system CPU µs")):
-                print(f"    {what:<16} {split['mitmdump'][i]:>9.0f} {split['gateway'][i]:>9.0f}  (untraced)")
+            for i, what in enumerate(("user CPU µs", "system CPU µs", "switches, vol.", "switches, invol.")):
+                a, b = split["mitmdump"][i], split["gateway"][i]
+                print(f"    {what:<16} {a:>9.{2 if i > 1 else 0}f} {b:>9.{2 if i > 1 else 0}f}  (untraced)")
     return 0
 
 

@@ -52,6 +52,11 @@ def sqlite_path(url: str) -> Path | None:
     return Path(path).expanduser() if path and path != ":memory:" else None
 
 
+# Bounded waits: a database that stops answering must surface as errors (503, alerts), not hangs.
+# Every PostgreSQL connection gets them: the engine's, and the event loop's (`pgloop`).
+PG_CONNECT_ARGS: dict[str, Any] = {"connect_timeout": 5, "options": "-c statement_timeout=30000"}
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -66,11 +71,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    # Bounded waits: a database that stops answering must surface as errors (503, alerts), not hangs.
-    return sa.create_engine(
-        url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800, pool_timeout=10,
-        connect_args={"connect_timeout": 5, "options": "-c statement_timeout=30000"},
-    )
+    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800,
+                            pool_timeout=10, connect_args=dict(PG_CONNECT_ARGS))
 
 
 class Database:

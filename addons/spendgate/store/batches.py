@@ -63,11 +63,39 @@ class Item:
         return p.row.id if isinstance(p, (Begin, Finished)) else p.request_id
 
 
+class AuditUnavailable(RuntimeError):
+    """The audit row could not be committed; the request must not go upstream."""
+
+
+def resolve(items: list[Item], exc: BaseException | None) -> None:
+    """Wake each waiting request, from any thread: one hand-over per event loop per batch, not one per row."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Item]] = {}
+    for item in items:
+        assert item.loop is not None
+        by_loop.setdefault(item.loop, []).append(item)
+
+    for loop, waiting in by_loop.items():
+        def _set(waiting: list[Item] = waiting) -> None:
+            for item in waiting:
+                fut = item.done
+                if fut is None or fut.done():
+                    continue
+                if exc is None:
+                    fut.set_result(item.result)
+                else:
+                    fut.set_exception(AuditUnavailable(type(exc).__name__))
+
+        try:
+            loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+
 def write_batch(link: Link, batch: list[Item]) -> None:
     """One batch's transaction: rows inserted and completed, rate counts, reservations and settlements;
     each item's `result` set once it is committed."""
     if not link.sqlite:  # one statement in autocommit: one round trip (`pgbatch`), the same order of locks
-        call, settle = _pg_call(batch)
+        call, settle = pg_call(batch)
         with link.statement() as conn:
             out = conn.execute(pgbatch.CALL, {"batch": call.json}).one().out
         settle(out)
@@ -137,8 +165,9 @@ def take_rate(conn: Transaction, check: RateCheck) -> RateResult:
     return ratelimits.take(conn, check) if conn.sqlite else pgbatch.call(conn, rates=[check])[0][0]
 
 
-def _pg_call(batch: list[Item]) -> tuple[pgbatch.Call, Callable[[Any], None]]:
-    """The batch as `spendgate_write_batch`'s argument, and what sets each item's result from its answer."""
+def pg_call(batch: list[Item]) -> tuple[pgbatch.Call, Callable[[Any], None]]:
+    """The batch as `spendgate_write_batch`'s argument, and what sets each item's result from its answer
+    (the writer thread's `write_batch` and the event loop's `pgloop` call it alike)."""
     inserts, completions, contents, settles, reserving, begins = _sort(batch)
     rates: list[RateCheck] = []
     rate_of: dict[int, int] = {}

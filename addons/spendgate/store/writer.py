@@ -6,11 +6,11 @@ a finished request is one `Finished` item (its row's completion, its budget sett
 captured content), so all three are committed in one transaction or not at all. While one batch
 commits, the next one gathers, so throughput grows with load instead of per-row fsyncs.
 
-Where: on SQLite, a batch is committed on the event loop itself, once per loop iteration (a
-WAL append without fsync, ~0.1-0.3 ms): handing it to a thread cost more CPU than the commit.
-That commit never waits: a locked database, a failure, or a store marked unhealthy hands the
-batch to the writer thread, which waits, retries, isolates bad rows and checkpoints the WAL.
-On PostgreSQL (a network round trip) every batch goes through the thread.
+Where: on the event loop, gathered once per loop iteration. On SQLite the batch is committed
+there (a WAL append without fsync, ~0.1-0.3 ms): handing it to a thread cost more CPU than the
+commit. On PostgreSQL its one statement is awaited there (`pgloop`), one batch in flight at a time.
+Neither waits for a lock: a locked database, a failure, or a store marked unhealthy hands the
+batch to the writer thread, which waits, retries, isolates bad rows and checkpoints the WAL (`wal`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from spendgate.store import Database, sqlite_path
+from spendgate.store import Database, sqlite_path, wal
 from spendgate.store.audit import AuditRow
-from spendgate.store.batches import Begin, Begun, Finished, Item, salvage, write_batch
+from spendgate.store.batches import AuditUnavailable, Begin, Begun, Finished, Item, resolve, salvage, write_batch
 from spendgate.store.budgets import ReserveRequest, ReserveResult
-from spendgate.store.plain import Link, Prepared
+from spendgate.store.pgloop import LoopConnection
+from spendgate.store.plain import Link
 from spendgate.store.ratelimits import RateCheck
 
 __all__ = ["AuditStats", "AuditUnavailable", "AuditWriter", "Begun", "Finished"]
@@ -38,14 +39,8 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 500
 LINGER_SECONDS = 0.01  # how long a batch with no waiting request may gather more rows
 RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
-CHECKPOINT_SECONDS = 0.25  # SQLite: how often an idle writer thread checkpoints the WAL the loop writes
-CHECKPOINT_ROUNDS = 4  # passes in a row while the loop keeps appending
-WAL_RESTART, WAL_LIMIT = 64 << 20, 256 << 20  # restart a WAL this full; truncate a WAL file this large
-_FRAME_BYTES = 4096 + 24  # a WAL frame: a page (SQLite's default size, which the gateway keeps) and its header
 # The loop's SQLite connection: a locked database is handed to the thread at once, never waited for.
 LOOP_PRAGMAS = ("PRAGMA busy_timeout=0", "PRAGMA wal_autocheckpoint=0")
-_CHECKPOINT = Prepared("PRAGMA wal_checkpoint(PASSIVE)")
-_RESTART, _TRUNCATE = Prepared("PRAGMA wal_checkpoint(RESTART)"), Prepared("PRAGMA wal_checkpoint(TRUNCATE)")
 THREAD_PRAGMAS: tuple[str, ...] = ()  # the thread waits the store's own busy timeout (30 s on SQLite)
 
 
@@ -64,8 +59,12 @@ class AuditWriter:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._link = db.link(THREAD_PRAGMAS)  # the writer thread's own connection: no pool checkout per batch
-        self._on_loop = db.is_sqlite
-        self._loop_link = db.link(LOOP_PRAGMAS)
+        self._sqlite = db.is_sqlite
+        self._loop_link = db.link(LOOP_PRAGMAS)  # SQLite's on the loop
+        self._loop_pg = None if db.is_sqlite else LoopConnection(db)
+        self._idle = threading.Event()  # PostgreSQL: no batch awaited on the loop (stop waits for it)
+        self._idle.set()
+        self._loop_thread = 0
         self._loop_batch: list[Item] = []
         self._batch_loop: asyncio.AbstractEventLoop | None = None
         self._flush_at: asyncio.Handle | None = None
@@ -85,12 +84,16 @@ class AuditWriter:
         """Flush what is queued, then stop."""
         if self._thread is None:
             return
+        if not self._idle.is_set() and self._loop_thread != threading.get_ident():
+            self._idle.wait(timeout)  # PostgreSQL: the batch on the loop lands (or comes to the thread)
         self._drain()
         self._q.put(None)
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self._link.close()
             self._loop_link.close()
+            if self._loop_pg is not None:
+                self._loop_pg.close()
         self._thread = None
 
     @property
@@ -125,7 +128,7 @@ class AuditWriter:
     def _put(self, item: Item) -> None:
         with self._lock:
             self._pending += 1
-        if self._on_loop and self.healthy:
+        if self.healthy:
             try:
                 loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             except RuntimeError:
@@ -136,14 +139,16 @@ class AuditWriter:
         self._q.put(item)
 
     def _put_on_loop(self, loop: asyncio.AbstractEventLoop, item: Item) -> None:
-        """SQLite: commit on the event loop, once per loop iteration for the requests waiting (and
-        after LINGER_SECONDS for completions alone). No thread hand-over, no GIL ping-pong; the
-        commit is bounded (no busy wait, no checkpoint, both left to the writer thread)."""
+        """Commit on the event loop, once per loop iteration for the requests waiting (and after
+        LINGER_SECONDS for completions alone). No thread hand-over, no GIL ping-pong; the commit is
+        bounded (no busy wait, no checkpoint, both left to the writer thread)."""
         if self._flush_at is not None and self._batch_loop is not loop:
             self._drain()  # a batch left on a loop that is gone (tests run many loops)
         self._loop_batch.append(item)
         self._batch_loop = loop
-        urgent = item.done is not None
+        self._schedule(loop, item.done is not None)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, urgent: bool) -> None:
         if self._flush_at is None:
             self._flush_at = loop.call_soon(self._flush) if urgent else loop.call_later(LINGER_SECONDS, self._flush)
             self._flush_urgent = urgent
@@ -152,21 +157,49 @@ class AuditWriter:
             self._flush_at, self._flush_urgent = loop.call_soon(self._flush), True
 
     def _flush(self) -> None:
+        if self._loop_pg is not None:
+            self._flush_at = None
+            if self._idle.is_set() and self._loop_batch:  # else the batch in flight flushes again when done
+                batch, self._loop_batch = self._loop_batch[:MAX_BATCH], self._loop_batch[MAX_BATCH:]
+                self._idle.clear()
+                self._loop_thread = threading.get_ident()
+                asyncio.get_running_loop().create_task(self._flush_pg(batch))
+            return
         batch, self._loop_batch, self._flush_at = self._loop_batch, [], None
         if not batch:
             return
         try:
             self._write(batch, self._loop_link)
         except Exception as e:
-            # Locked by another writer, or a bad row, or the store is gone: the writer thread
-            # waits, retries, isolates and salvages (and counts the error if it persists).
-            log.debug("audit: commit on the event loop failed (%s); handed to the writer thread", type(e).__name__)
-            self.stats.handed_over += len(batch)
-            for item in batch:
-                self._q.put(item)
+            self._hand_over(batch, e)
             return
         self.stats.loop_batches += 1
         self._committed(batch, on_loop=True)
+
+    async def _flush_pg(self, batch: list[Item]) -> None:
+        """PostgreSQL: one batch awaited on the loop (`pgloop`); what it could not write goes to the thread."""
+        assert self._loop_pg is not None
+        try:
+            await self._loop_pg.write(batch)
+        except BaseException as e:  # cancelled too (its loop is ending): the thread still writes the batch
+            self._hand_over(batch, e)
+            if not isinstance(e, Exception):
+                raise
+        else:
+            self.stats.loop_batches += 1
+            self._committed(batch, on_loop=True)
+        finally:
+            self._idle.set()
+            if self._loop_batch:  # gathered meanwhile: flush now if a request waits, else when it lingered
+                self._schedule(asyncio.get_running_loop(), any(i.done is not None for i in self._loop_batch))
+
+    def _hand_over(self, batch: list[Item], e: BaseException) -> None:
+        """Locked by another writer, or a bad row, or the store is gone: the writer thread waits,
+        retries, isolates and salvages (and counts the error if it persists)."""
+        log.debug("audit: commit on the event loop failed (%s); handed to the writer thread", type(e).__name__)
+        self.stats.handed_over += len(batch)
+        for item in batch:
+            self._q.put(item)
 
     def _drain(self) -> None:
         """Hand what waits for a flush on the loop to the writer thread."""
@@ -186,7 +219,7 @@ class AuditWriter:
             retry = []
             if not batch:
                 try:
-                    first = self._q.get(timeout=CHECKPOINT_SECONDS if self._on_loop else None)
+                    first = self._q.get(timeout=wal.CHECKPOINT_SECONDS if self._sqlite else None)
                 except queue.Empty:
                     self._checkpoint()
                     continue
@@ -237,32 +270,9 @@ class AuditWriter:
                         break
 
     def _checkpoint(self) -> None:
-        """Copy the WAL into the database file: the loop's connection never does (it would fsync there).
-
-        A pass copies the frames there were when it began; the WAL restarts (instead of growing
-        without end: 1.3 GB after 50,000 requests) only after a pass that leaves none, which under
-        steady load (a pass ends with an fsync) is rare. So a WAL past WAL_RESTART is restarted here,
-        writers waiting a few ms (their batches come to this thread), and a file a burst left past
-        WAL_LIMIT is truncated. Never on the loop."""
-        if not self._on_loop:
-            return
-        try:
-            with self._link.transaction() as conn:
-                for _ in range(CHECKPOINT_ROUNDS):
-                    busy, frames, copied = conn.execute(_CHECKPOINT).one()
-                    if busy or copied >= frames:
-                        break
-                if self._wal_bytes() > WAL_LIMIT:
-                    conn.execute(_TRUNCATE)
-                elif frames * _FRAME_BYTES > WAL_RESTART:
-                    conn.execute(_RESTART)
-        except Exception as e:
-            log.debug("audit: WAL checkpoint failed (%s)", type(e).__name__)
-
-    def _wal_bytes(self) -> int:
-        path = sqlite_path(self._db.url)
-        wal = path.with_name(path.name + "-wal") if path is not None else None
-        return wal.stat().st_size if wal is not None and wal.exists() else 0
+        """SQLite: copy the WAL the loop appends to into the database file (`wal`); never on the loop."""
+        if self._sqlite:
+            wal.checkpoint(self._link, sqlite_path(self._db.url))
 
     def _store_alive(self) -> bool:
         try:
@@ -299,7 +309,7 @@ class AuditWriter:
                 if item.done is not None and not item.done.done():
                     item.done.set_result(item.result)
             return
-        self._resolve_all([i for i in batch if i.done is not None], None)
+        resolve([i for i in batch if i.done is not None], None)
 
     def _store_down(self, batch: list[Item], e: Exception) -> list[Item]:
         self._count_error(e)
@@ -313,7 +323,7 @@ class AuditWriter:
                 keep.append(item)
         # A request waiting for its row must not wait for a dead store: fail it now.
         waiting = [i for i in batch if i.done is not None]
-        self._resolve_all(waiting, e)
+        resolve(waiting, e)
         with self._lock:
             self._pending -= len(waiting)
         return keep
@@ -345,7 +355,7 @@ class AuditWriter:
                     with self._lock:
                         self._pending -= 1
                     if item.done is not None:
-                        self._resolve_all([item], e2)
+                        resolve([item], e2)
                     continue
                 log.error("audit: a %s row was rejected by the store (%s); written without its optional fields "
                           "(request %s)", item.kind, type(e).__name__, item.request_id)
@@ -364,36 +374,8 @@ class AuditWriter:
                 last = e2
         raise last
 
-    @staticmethod
-    def _resolve_all(items: list[Item], exc: BaseException | None) -> None:
-        """Wake each waiting request: one hand-over per event loop per batch, not one per row."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[Item]] = {}
-        for item in items:
-            assert item.loop is not None
-            by_loop.setdefault(item.loop, []).append(item)
-
-        for loop, waiting in by_loop.items():
-            def _set(waiting: list[Item] = waiting) -> None:
-                for item in waiting:
-                    fut = item.done
-                    if fut is None or fut.done():
-                        continue
-                    if exc is None:
-                        fut.set_result(item.result)
-                    else:
-                        fut.set_exception(AuditUnavailable(type(exc).__name__))
-
-            try:
-                loop.call_soon_threadsafe(_set)
-            except RuntimeError:  # loop closed during shutdown
-                pass
-
 
 def _locked(e: BaseException) -> bool:
     """SQLite's busy timeout ran out: another connection holds the write lock. The store is busy,
     not the rows bad: retried like a store that is down, never isolated and salvaged."""
     return isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
-
-
-class AuditUnavailable(RuntimeError):
-    """The audit row could not be committed; the request must not go upstream."""

@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from spendgate.store import Database, ts_param
+from spendgate.store import wal as wal_module
 from spendgate.store import writer as writer_module
 from spendgate.store.audit import AuditRow, ContentRow
 from spendgate.store.batches import settle_and_reserve as apply
@@ -409,7 +410,7 @@ def test_the_wal_stays_bounded_while_the_loop_never_pauses(writer: AuditWriter, 
     loop appended meanwhile, so passes alone never let the WAL restart (1.3 GB after 50,000
     requests). The thread restarts it once it holds WAL_RESTART; a file a burst left larger than
     WAL_LIMIT it truncates once the burst is over."""
-    monkeypatch.setattr(writer_module, "WAL_RESTART", 8 * 1024 * 1024)
+    monkeypatch.setattr(wal_module, "WAL_RESTART", 8 * 1024 * 1024)
     wal = path.with_name(path.name + "-wal")
     largest = 0
 
@@ -430,8 +431,8 @@ def test_the_wal_stays_bounded_while_the_loop_never_pauses(writer: AuditWriter, 
     # A restart is due every 0.25 s once 8 MiB are in it; between two checks the loop may add ~60 MB.
     assert largest < 120 * 1024 * 1024, f"WAL reached {largest / 1e6:.0f} MB after {n} requests"
     assert wait_until(lambda: len(committed(path)) == n)
-    monkeypatch.setattr(writer_module, "WAL_LIMIT", 16 * 1024 * 1024)  # as if the burst had left more
-    assert wait_until(lambda: wal.stat().st_size <= writer_module.WAL_LIMIT, timeout=5), wal.stat().st_size
+    monkeypatch.setattr(wal_module, "WAL_LIMIT", 16 * 1024 * 1024)  # as if the burst had left more
+    assert wait_until(lambda: wal.stat().st_size <= wal_module.WAL_LIMIT, timeout=5), wal.stat().st_size
 
 
 def test_a_lock_held_past_the_busy_timeout_is_waited_out_not_blamed_on_the_rows(
@@ -463,4 +464,92 @@ def test_a_lock_held_past_the_busy_timeout_is_waited_out_not_blamed_on_the_rows(
     finally:
         locker.close()
         w.stop()
+        db.close()
+
+
+# -- PostgreSQL: batches awaited on the event loop (`pgloop`). Requests waiting together share one
+# statement there; a connection that breaks hands its batch to the writer thread (the request
+# still gets its row); stop() waits for the batch in flight instead of leaving it behind.
+
+
+@pytest.fixture
+def pg_writer(pg_module_url: str) -> Iterator[tuple[AuditWriter, Database]]:
+    d = Database(pg_module_url)
+    w = AuditWriter(d)
+    w.start()
+    yield w, d
+    w.stop()
+    d.close()
+
+
+def pg_committed(db: Database, ids: list[str]) -> dict[str, str]:
+    with db.engine.connect() as conn:
+        found = conn.execute(sa.text("SELECT id, outcome FROM audit_log WHERE id = ANY(:ids)"), {"ids": ids})
+        return {r.id: r.outcome for r in found}
+
+
+@pytest.mark.postgres
+def test_postgresql_waiting_rows_are_committed_on_the_loop_in_one_statement(
+        pg_writer: tuple[AuditWriter, Database]) -> None:
+    writer, db = pg_writer
+    rows = [row() for _ in range(20)]
+
+    async def go() -> None:
+        await asyncio.gather(*(writer.begin(r) for r in rows))
+
+    asyncio.run(go())
+    assert pg_committed(db, [r.id for r in rows]) == {r.id: "incomplete" for r in rows}
+    assert (writer.stats.loop_batches, writer.stats.batches, writer.stats.handed_over) == (1, 1, 0)
+
+
+@pytest.mark.postgres
+def test_postgresql_a_broken_loop_connection_hands_its_batch_to_the_thread(
+        pg_writer: tuple[AuditWriter, Database], pg_module_url: str) -> None:
+    writer, db = pg_writer
+    first, second, third = row(), row(), row()
+
+    async def go() -> None:
+        await writer.begin(first)
+        conn = writer._loop_pg._conn  # type: ignore[union-attr]
+        with db.engine.connect() as admin:  # the server ends the loop's session (a restart, a failover)
+            admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": conn.pgconn.backend_pid})
+        await writer.begin(second)  # fails on the loop, committed by the thread: the caller never knows
+        assert writer.stats.handed_over == 1
+        await writer.begin(third)  # the loop connects again
+
+    asyncio.run(go())
+    assert pg_committed(db, [first.id, second.id, third.id]) == dict.fromkeys([first.id, second.id, third.id],
+                                                                                "incomplete")
+    assert writer.stats.loop_batches == 2 and writer.stats.write_errors == 0
+
+
+@pytest.mark.postgres
+def test_postgresql_stop_waits_for_the_batch_on_the_loop(pg_module_url: str) -> None:
+    """The loop's statement waits on a lock another session holds; stop() (from another thread, as
+    the gateway stops) returns only once that batch has landed."""
+    db = Database(pg_module_url)
+    writer = AuditWriter(db)
+    writer.start()
+    locker = db.engine.connect()
+    locker.execute(sa.text("LOCK TABLE audit_log IN EXCLUSIVE MODE"))  # inserts wait for this transaction
+    r = row()
+    loop = asyncio.new_event_loop()
+    ran = threading.Thread(target=loop.run_until_complete, args=(writer.begin(r),))
+    try:
+        ran.start()
+        assert wait_until(lambda: not writer._idle.is_set(), timeout=5)
+        stopped = threading.Thread(target=writer.stop)
+        stopped.start()
+        time.sleep(0.3)
+        assert stopped.is_alive(), "stop() returned with a batch still in flight"
+        locker.rollback()
+        stopped.join(10)
+        ran.join(10)
+        assert not stopped.is_alive() and not ran.is_alive()
+        assert pg_committed(db, [r.id]) == {r.id: "incomplete"}
+        assert writer.stats.handed_over == 0
+    finally:
+        locker.close()
+        writer.stop()
+        loop.close()
         db.close()
