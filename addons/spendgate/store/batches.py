@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, Sequence, Union
 from spendgate.store import audit, budgets, pgbatch, ratelimits
 from spendgate.store.audit import ESSENTIAL, AuditRow, ContentRow
 from spendgate.store.budgets import ReserveRequest, ReserveResult, Settlement
-from spendgate.store.plain import Link, Transaction
+from spendgate.store.plain import Link, Prepared, Transaction
 from spendgate.store.ratelimits import RateCheck, RateResult
 
 
@@ -56,6 +56,7 @@ class Item:
     loop: asyncio.AbstractEventLoop | None = None
     attempts: int = 0
     result: Any = None
+    doubtful: bool = False  # a write of it raised: it may have committed all the same (its answer lost)
 
     @property
     def request_id(self) -> str:
@@ -94,6 +95,8 @@ def resolve(items: list[Item], exc: BaseException | None) -> None:
 def write_batch(link: Link, batch: list[Item]) -> None:
     """One batch's transaction: rows inserted and completed, rate counts, reservations and settlements;
     each item's `result` set once it is committed."""
+    if any(item.doubtful for item in batch):
+        _drop_landed(link, batch)
     if not link.sqlite:  # one statement in autocommit: one round trip (`pgbatch`), the same order of locks
         call, settle = pg_call(batch)
         with link.statement() as conn:
@@ -123,6 +126,19 @@ def write_batch(link: Link, batch: list[Item]) -> None:
 
 
 _ALLOWED = RateResult(True)
+_LANDED = Prepared("SELECT id FROM audit_log WHERE id = :id AND ended_at IS NOT NULL")
+
+
+def _drop_landed(link: Link, batch: list[Item]) -> None:
+    """A batch written again after a failure may have committed the first time (the connection went
+    away with its answer). A completion already in the store is written again as it is, but its cost
+    must not be added to its budgets twice, nor its content inserted twice."""
+    with link.statement() as conn:
+        for item in batch:
+            p = item.payload
+            if (item.doubtful and isinstance(p, Finished) and p.begun and (p.settlement or p.content)
+                    and conn.execute(_LANDED, {"id": p.row.id}).first() is not None):
+                item.payload = dataclasses.replace(p, settlement=None, content=None)
 
 
 def _sort(batch: list[Item]) -> tuple[list[AuditRow], list[AuditRow], list[ContentRow], list[Settlement],
@@ -209,7 +225,8 @@ def salvage(item: Item, e: Exception) -> list[Item]:
     content row may be what the store rejects (a conflict), and the other two must still land."""
     p = item.payload
     if isinstance(p, Begin):
-        return [Item(item.kind, Begin(_bare(p.row, e), p.rate, p.reserve), item.done, item.loop, item.attempts)]
+        return [Item(item.kind, Begin(_bare(p.row, e), p.rate, p.reserve), item.done, item.loop, item.attempts,
+                     doubtful=item.doubtful)]
     if isinstance(p, Finished):
         row = _bare(p.row, e)
         out = []
@@ -221,7 +238,7 @@ def salvage(item: Item, e: Exception) -> list[Item]:
             row = dataclasses.replace(
                 row, error=f"audit fields and captured content rejected by the store ({type(e).__name__}); left out")
         out.append(Finished(row, p.begun, p.settlement, None))
-        return [Item(item.kind, f, item.done, item.loop, item.attempts) for f in out]
+        return [Item(item.kind, f, item.done, item.loop, item.attempts, doubtful=item.doubtful) for f in out]
     return []
 
 

@@ -199,6 +199,7 @@ class AuditWriter:
         log.debug("audit: commit on the event loop failed (%s); handed to the writer thread", type(e).__name__)
         self.stats.handed_over += len(batch)
         for item in batch:
+            item.doubtful = True
             self._q.put(item)
 
     def _drain(self) -> None:
@@ -289,6 +290,8 @@ class AuditWriter:
         try:
             self._write(batch)
         except Exception as e:
+            for item in batch:
+                item.doubtful = True
             if not _locked(e) and self._store_alive():
                 # The store answers, so some row is bad: one row must not cost the others theirs.
                 return self._isolate(batch, e)

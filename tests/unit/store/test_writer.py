@@ -266,6 +266,54 @@ def test_completion_settlement_and_content_commit_together_or_not_at_all(
     assert (budget["spent_nusd"], budget["reserved_nusd"]) == (3 * 400, 0)
 
 
+def _lost_answer_case(writer: AuditWriter, db: Database, monkeypatch: pytest.MonkeyPatch, target: Any,
+                      name: str) -> None:
+    """A finished request's batch commits, then its answer is lost (the connection goes away): the
+    writer thread writes the batch again. The completion stands, its cost is counted once."""
+    keys = KeyStore(db)
+    keys.set_budget("user", "erin", 10**9, "day", actor="t")
+    (cap,) = keys.load_budgets()
+    r = row(user="erin", started_at=NOW)
+    with db.transaction() as conn:
+        (hold,) = apply(conn, [], [ReserveRequest(r.id, (cap,), 1000, NOW, timedelta(minutes=10))])
+    asyncio.run(writer.begin(r))
+    real = getattr(target, name)
+    lost: list[int] = []
+
+    def lose_the_first_answer() -> None:
+        if not lost:
+            lost.append(1)
+            raise ConnectionResetError("the answer was lost")
+
+    def write(*args: Any) -> None:
+        real(*args)
+        lose_the_first_answer()
+
+    async def write_async(*args: Any) -> None:
+        await real(*args)
+        lose_the_first_answer()
+
+    monkeypatch.setattr(target, name, write_async if asyncio.iscoroutinefunction(real) else write)
+
+    async def finish() -> None:
+        writer.finish(Finished(completed(r, cost_nusd=400), True, Settlement(r.id, hold.refs, 400)))
+        await asyncio.sleep(0.1)  # the completion lingers on the loop, then commits there
+
+    asyncio.run(finish())
+    assert wait_until(lambda: writer.queue_depth == 0 and writer.stats.handed_over >= 1), writer.stats
+    assert lost
+    (budget,) = BudgetLedger(db).budget_status(NOW)
+    assert (budget["spent_nusd"], budget["reserved_nusd"]) == (400, 0)
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT outcome, cost_nusd FROM audit_log WHERE id = :i"), {"i": r.id}).one() \
+            == ("completed", 400)
+
+
+def test_a_batch_whose_answer_was_lost_is_not_settled_twice(writer: AuditWriter, db: Database,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _lost_answer_case(writer, db, monkeypatch, writer, "_write")
+
+
 # ----------------------------------------------------------------------------- rows the store rejects
 
 
@@ -553,3 +601,11 @@ def test_postgresql_stop_waits_for_the_batch_on_the_loop(pg_module_url: str) -> 
         writer.stop()
         loop.close()
         db.close()
+
+
+@pytest.mark.postgres
+def test_postgresql_a_batch_whose_answer_was_lost_is_not_settled_twice(
+        pg_writer: tuple[AuditWriter, Database], monkeypatch: pytest.MonkeyPatch) -> None:
+    writer, db = pg_writer
+    assert writer._loop_pg is not None
+    _lost_answer_case(writer, db, monkeypatch, writer._loop_pg, "write")
