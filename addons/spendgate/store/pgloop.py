@@ -5,7 +5,8 @@ Through the writer thread, a request's begin crossed threads twice and the GIL s
 loop the one `spendgate_write_batch` call is sent, the loop serves other flows until the answer
 comes, and the waiting requests resume there: 3.5 and 0.5, and ~11-16 % less gateway CPU per
 request at c=16. One batch is in flight at a time; the next gathers meanwhile (group commit).
-A batch that fails here goes to the writer thread, which retries, isolates and salvages it.
+A batch that fails here goes to the writer thread, which retries, isolates and salvages it; one
+that could not even connect (`Unreachable`) fails its waiting requests at once, as the thread would.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from spendgate.store import PG_CONNECT_ARGS, Database, batches, pgbatch
 from spendgate.store.batches import Item
 
 _CALL = pgbatch.CALL.text_for(False)
+
+
+class Unreachable(ConnectionError):
+    """The loop could not connect: the batch was not written."""
 
 
 class LoopConnection:
@@ -32,7 +37,10 @@ class LoopConnection:
     async def write(self, batch: list[Item]) -> None:
         """Commit the batch (one statement in autocommit) and set each item's result; raises as psycopg does."""
         call, settle = batches.pg_call(batch)
-        conn = await self._connection()
+        try:
+            conn = await self._connection()
+        except Exception as e:  # nothing was sent: not worth a second connect timeout in the thread
+            raise Unreachable(type(e).__name__) from e
         try:
             cur = await conn.execute(_CALL, {"batch": call.json})
             row = await cur.fetchone()

@@ -28,7 +28,7 @@ from spendgate.store import Database, sqlite_path, wal
 from spendgate.store.audit import AuditRow
 from spendgate.store.batches import AuditUnavailable, Begin, Begun, Finished, Item, resolve, salvage, write_batch
 from spendgate.store.budgets import ReserveRequest, ReserveResult
-from spendgate.store.pgloop import LoopConnection
+from spendgate.store.pgloop import LoopConnection, Unreachable
 from spendgate.store.plain import Link
 from spendgate.store.ratelimits import RateCheck
 
@@ -181,6 +181,9 @@ class AuditWriter:
         assert self._loop_pg is not None
         try:
             await self._loop_pg.write(batch)
+        except Unreachable as e:  # the store is down: waiting requests are refused now, the rest retried
+            for item in self._store_down(batch, e):
+                self._q.put(item)
         except BaseException as e:  # cancelled too (its loop is ending): the thread still writes the batch
             self._hand_over(batch, e)
             if not isinstance(e, Exception):

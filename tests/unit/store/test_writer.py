@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
+import socket
 import sqlite3
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import spendgate.store as store_module
 from spendgate.store import Database, ts_param
 from spendgate.store import wal as wal_module
 from spendgate.store import writer as writer_module
@@ -609,3 +611,27 @@ def test_postgresql_a_batch_whose_answer_was_lost_is_not_settled_twice(
     writer, db = pg_writer
     assert writer._loop_pg is not None
     _lost_answer_case(writer, db, monkeypatch, writer._loop_pg, "write")
+
+
+def test_postgresql_a_store_that_never_answers_costs_a_waiting_request_one_connect_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that takes the connection and never answers (a hung host): the loop's connect times
+    out, and the waiting request is refused then, not after the thread's own connect timeouts too."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # the kernel accepts; nobody ever answers the startup packet
+    monkeypatch.setitem(store_module.PG_CONNECT_ARGS, "connect_timeout", 2)
+    db = Database(f"postgresql+psycopg://postgres@127.0.0.1:{listener.getsockname()[1]}/nowhere")
+    writer = AuditWriter(db)
+    writer.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AuditUnavailable):
+            asyncio.run(writer.begin(row()))
+        took = time.monotonic() - t0
+        assert 1.5 < took < 3.5, f"refused after {took:.1f} s"
+        assert not writer.healthy and writer.stats.handed_over == 0
+    finally:
+        writer.stop(timeout=1)
+        db.close()
+        listener.close()
