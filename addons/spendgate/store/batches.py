@@ -133,11 +133,13 @@ def _drop_landed(link: Link, batch: list[Item]) -> None:
     """A batch written again after a failure may have committed the first time (the connection went
     away with its answer). A completion already in the store is written again as it is, but its cost
     must not be added to its budgets twice, nor its content inserted twice."""
+    settling = [(item, p) for item in batch if item.doubtful
+                and isinstance(p := item.payload, Finished) and p.begun and (p.settlement or p.content)]
+    if not settling:  # a retried begin, say: nothing to look up
+        return
     with link.statement() as conn:
-        for item in batch:
-            p = item.payload
-            if (item.doubtful and isinstance(p, Finished) and p.begun and (p.settlement or p.content)
-                    and conn.execute(_LANDED, {"id": p.row.id}).first() is not None):
+        for item, p in settling:
+            if conn.execute(_LANDED, {"id": p.row.id}).first() is not None:
                 item.payload = dataclasses.replace(p, settlement=None, content=None)
 
 

@@ -3,7 +3,7 @@
 Through the writer thread, a request's begin crossed threads twice and the GIL several times:
 ~10 context switches per request at c=1 and 3.6 at c=16 (bare mitmdump: 2.1 and 0.01). On the
 loop the one `spendgate_write_batch` call is sent, the loop serves other flows until the answer
-comes, and the waiting requests resume there: 3.5 and 0.5, and ~11-16 % less gateway CPU per
+comes, and the waiting requests resume there: 3.5 and 0.3, and ~11-16 % less gateway CPU per
 request at c=16. One batch is in flight at a time; the next gathers meanwhile (group commit).
 A batch that fails here goes to the writer thread, which retries, isolates and salvages it; one
 that could not even connect (`Unreachable`) fails its waiting requests at once, as the thread would.
