@@ -146,3 +146,26 @@ def test_on_postgresql_a_batch_is_one_statement_in_autocommit(pg_module_url: str
 def test_the_postgresql_function_completes_every_completion_column() -> None:
     migration = importlib.import_module("spendgate.store.migrations.versions.0007_batch_function")
     assert tuple(migration._COMPLETION) == COMPLETION
+
+
+def test_requests_settled_together_release_exactly_what_each_held(db: Database) -> None:
+    """Two requests' reservations on one budget row and one on two caps, settled in one batch: each
+    row gives back what was held there (PostgreSQL sums what the DELETE released per row) and takes
+    the actual costs; a settlement whose reservation has already gone (expired) releases nothing."""
+    ana, team = budget(db, "ana", 1_000_000), budget(db, "team", 5_000_000)
+    begun = run(db, [Item("begin", Begin(row(rid), None, ReserveRequest(rid, caps, amount, NOW, TTL)))
+                     for rid, caps, amount in (("sgr_a", (ana,), 1000), ("sgr_b", (ana, team), 2000),
+                                               ("sgr_c", (ana,), 4000))])
+    with db.engine.begin() as conn:  # sgr_c's reservation expired and was swept (its hold released there)
+        conn.execute(sa.text("DELETE FROM reservations WHERE request_id = 'sgr_c'"))
+        conn.execute(sa.text("UPDATE budget_spend SET reserved_nusd = reserved_nusd - 4000 WHERE budget_id = :b"),
+                     {"b": ana.id})
+    spend = {b["name"]: (b["spent_nusd"], b["reserved_nusd"]) for b in BudgetLedger(db).budget_status(NOW)}
+    assert spend == {"ana": (0, 3000), "team": (0, 2000)}
+    run(db, [Item("finish", Finished(every_completion_column(row(rid)), True,
+                                     Settlement(rid, b.reserved.refs, actual)))
+             for rid, b, actual in (("sgr_a", begun[0], 700), ("sgr_b", begun[1], 1500), ("sgr_c", begun[2], 10))])
+    spend = {b["name"]: (b["spent_nusd"], b["reserved_nusd"]) for b in BudgetLedger(db).budget_status(NOW)}
+    assert spend == {"ana": (2210, 0), "team": (1500, 0)}
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM reservations")).scalar() == 0
