@@ -99,6 +99,17 @@ class Metrics:
                                   ["provider"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.queue_depth = Gauge("spendgate_audit_queue_depth", "Audit rows waiting to be committed.", registry=r)
         self._server: WSGIServer | None = None
+        # Each metric's labelled children by label values: `labels()` takes a lock and checks its values
+        # on every call, ~1 µs each and six per request; the label sets are bounded (see above).
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set (never removed: no series is)."""
+        key = (id(metric), *labels)
+        got = self._children.get(key)
+        if got is None:
+            got = self._children[key] = metric.labels(*labels)
+        return got
 
     def serve(self, host: str, port: int) -> None:
         self._server, _ = start_wsgi_server(port, addr=host, registry=self.registry)

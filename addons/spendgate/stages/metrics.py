@@ -25,17 +25,18 @@ class MetricsStage:
         provider = call.provider.name
         model = self.model_label(provider, row.model_reported or call.model_requested)
         outcome = Outcome(row.outcome)
-        self.m.requests.labels(user, team, provider, model, outcome).inc()
+        child = self.m.child
+        child(self.m.requests, user, team, provider, model, outcome).inc()
         if outcome.blocked:
-            self.m.blocked.labels(user, outcome.removeprefix("blocked_")).inc()
+            child(self.m.blocked, user, outcome.removeprefix("blocked_")).inc()
         for kind in TOKEN_KINDS:
             n = getattr(row, f"{kind}_tokens")
             if n:
-                self.m.tokens.labels(user, team, provider, model, kind).inc(n)
+                child(self.m.tokens, user, team, provider, model, kind).inc(n)
         if row.cost_nusd:
-            self.m.cost.labels(user, team, provider, model).inc(as_float(row.cost_nusd))
+            child(self.m.cost, user, team, provider, model).inc(as_float(row.cost_nusd))
         if row.latency_ms is not None and not outcome.blocked:
-            self.m.duration.labels(provider, model).observe(row.latency_ms / 1000)
+            child(self.m.duration, provider, model).observe(row.latency_ms / 1000)
         if row.ttft_ms is not None:
-            self.m.ttft.labels(provider, model).observe(row.ttft_ms / 1000)
-        self.m.overhead.labels(provider).observe(call.timing.overhead)
+            child(self.m.ttft, provider, model).observe(row.ttft_ms / 1000)
+        child(self.m.overhead, provider).observe(call.timing.overhead)

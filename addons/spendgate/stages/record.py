@@ -16,7 +16,7 @@ from mitmproxy import http
 
 from spendgate.money import to_nano
 from spendgate.stages.call import Call, Capture, Outcome, client_gone, get_call, refuse
-from spendgate.store.audit import AuditRow, ContentRow
+from spendgate.store.audit import COMPLETION, AuditRow, ContentRow
 from spendgate.store.budgets import Settlement
 from spendgate.store.models import AuditRecord, utcnow
 from spendgate.store.ratelimits import RateCheck
@@ -110,9 +110,10 @@ class Record:
             return "audit.capture_content = true (global)"
         return None
 
-    def _fit(self, call: Call, row: AuditRow) -> AuditRow:
-        """Cut the row to its columns; `cut_fields` accumulates over the begin row and its completion."""
-        cut = _FIT.fit(row)
+    def _fit(self, call: Call, row: AuditRow, names: tuple[str, ...] | None = None) -> AuditRow:
+        """Cut the row's columns `names` (default: all) to fit; `cut_fields` accumulates over the begin
+        row and its completion."""
+        cut = _FIT.fit(row, names)
         if cut:
             call.audit.cut |= cut
         if call.audit.cut:
@@ -154,7 +155,9 @@ class Record:
                    Outcome.BLOCKED_RATE, headers={"retry-after": str(counted.retry_after)})
 
     def finish(self, flow: http.HTTPFlow, call: Call) -> None:
-        row = self._fit(call, audit_row(flow, call, self.instance_id, ended=True))
+        # A row that was begun is completed with COMPLETION columns only; its others were fitted then.
+        row = self._fit(call, audit_row(flow, call, self.instance_id, ended=True),
+                        COMPLETION if call.audit.begun else None)
         call.outcome, call.status_code = Outcome(row.outcome), row.status_code
         call.audit.row = row
         settlement = None

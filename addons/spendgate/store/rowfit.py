@@ -40,12 +40,13 @@ class RowFitter:
                 for kind, bounds in _INT_RANGE.items():
                     if type(t) is kind:
                         self._ints[col.name] = bounds
+        self._plans: dict[tuple[str, ...] | None, tuple[list[tuple[str, int]], list[tuple[str, tuple[int, int]]]]] = {}
 
     def fit(self, row: Any, names: Iterable[str] | None = None) -> set[str]:
         """Fit the attributes `names` of `row` (default: every column) in place; returns the
         names of those that had to change."""
         cut: set[str] = set()
-        texts = self._text.items() if names is None else [(n, self._text[n]) for n in names if n in self._text]
+        texts, ints = self._plan(None if names is None else tuple(names))
         for name, width in texts:
             value = getattr(row, name)
             if not isinstance(value, str):
@@ -57,10 +58,19 @@ class RowFitter:
             if clean != value:
                 setattr(row, name, clean)
                 cut.add(name)
-        ints = self._ints.items() if names is None else [(n, self._ints[n]) for n in names if n in self._ints]
         for name, (lo, hi) in ints:
             value = getattr(row, name)
             if isinstance(value, int) and not isinstance(value, bool) and not lo <= value <= hi:
                 setattr(row, name, min(max(value, lo), hi))
                 cut.add(name)
         return cut
+
+    def _plan(self, names: tuple[str, ...] | None
+              ) -> tuple[list[tuple[str, int]], list[tuple[str, tuple[int, int]]]]:
+        """The text and integer columns among `names` (None: all), worked out once per tuple of names."""
+        plan = self._plans.get(names)
+        if plan is None:
+            wanted = [*self._text, *self._ints] if names is None else names
+            plan = self._plans[names] = ([(n, self._text[n]) for n in wanted if n in self._text],
+                                         [(n, self._ints[n]) for n in wanted if n in self._ints])
+        return plan
