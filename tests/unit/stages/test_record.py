@@ -113,6 +113,17 @@ def test_cut_fields_accumulate_over_begin_and_completion() -> None:
     assert w.finished[0].row.cut_fields == "model_reported,model_requested,upstream_request_id"
 
 
+
+def test_a_row_inserted_whole_at_the_end_is_fitted_whole() -> None:
+    """A begun row's completion fits only the columns it writes; a row that was never begun is
+    inserted whole at the end, so every column is fitted then."""
+    w = Writer()
+    f = tflow(body=BODY, resp=tresponse(429, b"{}"))
+    call = tcall(f, body=BODY, model_requested="m" * 500, outcome=Outcome.BLOCKED_CAP, status_code=429)
+    stage(w).finish(f, call)
+    (item,) = w.finished
+    assert not item.begun and len(item.row.model_requested or "") == 200 and item.row.cut_fields == "model_requested"
+
 @pytest.mark.parametrize("fail_closed", [True, False])
 def test_a_store_that_cannot_take_the_begin_row(fail_closed: bool) -> None:
     w = Writer(fail=True)
