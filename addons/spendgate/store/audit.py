@@ -62,10 +62,15 @@ class AuditRow:
     def params(self, columns: tuple[str, ...]) -> dict[str, Any]:
         """The row's values by column name. StrEnum values stay as they are: sqlite3 binds them as text,
         and `pgbatch` sends JSON, where they are their value."""
+        return dict(zip(columns, self.values(columns)))
+
+    def values(self, columns: tuple[str, ...]) -> tuple[Any, ...]:
+        """The row's values of `columns`, in that order."""
         getter = _GETTERS.get(columns)
         if getter is None:
-            getter = _GETTERS[columns] = operator.attrgetter(*columns)
-        return dict(zip(columns, getter(self)))
+            one = operator.attrgetter(*columns)
+            getter = _GETTERS[columns] = one if len(columns) > 1 else lambda row: (one(row),)
+        return getter(self)
 
 
 _GETTERS: dict[tuple[str, ...], Callable[[AuditRow], tuple[Any, ...]]] = {}
@@ -118,9 +123,9 @@ def write(conn: Transaction, inserts: Sequence[AuditRow], completions: Sequence[
           contents: Sequence[ContentRow]) -> None:
     """One batch's audit writes on the writer's connection (its transaction)."""
     if inserts:
-        conn.execute(_INSERT, [r.params(COLUMNS) for r in inserts])
+        conn.execute_values(_INSERT, [r.values(_INSERT.names) for r in inserts])
     if completions:
-        conn.execute(_COMPLETE, [r.params(COMPLETE_COLUMNS) for r in completions])
+        conn.execute_values(_COMPLETE, [r.values(_COMPLETE.names) for r in completions])
     if contents:
         conn.execute(_CONTENT, [dataclasses.asdict(c) for c in contents])
 
