@@ -267,6 +267,23 @@ def test_settle_and_reserve_in_one_batch(db: Database) -> None:
     assert spend(db, NOW)["user:u"] == (100, 800)
 
 
+
+def test_a_settlement_lands_when_the_hold_beside_it_does_not_fit(db: Database) -> None:
+    """A batch that settles on a row and holds there: a hold that does not fit leaves the settlement
+    landed all the same, and a later hold in the batch sees it."""
+    u = make_budget(db, "user", "u", 1000)
+    first = reserve(db, "a", [u], 800, NOW)
+    # a settles at 600 (reserved 800 -> 0, spent 600): b's 800 does not fit, c's 300 does
+    results = batch(db, [Settlement("a", first.refs, 600)],
+                    [ReserveRequest("b", (u,), 800, NOW, TTL), ReserveRequest("c", (u,), 300, NOW, TTL)])
+    assert not admitted(results[0]) and admitted(results[1])
+    why = results[0].blocked
+    assert why is not None and (why.spent_nusd, why.reserved_nusd) == (600, 0)
+    assert results[1].remaining_nusd == 100
+    assert spend(db, NOW)["user:u"] == (600, 300)
+    settle(db, ("c", results[1].refs, 300))
+    assert spend(db, NOW)["user:u"] == (900, 0)
+
 @pytest.mark.postgres
 def test_settling_and_reserving_on_shared_caps_do_not_deadlock(pg_module_url: str) -> None:
     """Two batches that lock the same budget rows (on PostgreSQL one statement each, `pgbatch`), steered
