@@ -26,9 +26,10 @@ _NAME = re.compile(r"(?<![:\w]):(\w+)")
 
 class Prepared:
     """A statement in `:name` style; `times` names its timestamp parameters. `names` are its
-    parameters in the order they appear, for `Transaction.execute_values`."""
+    parameters in the order they appear, and `time_at` the timestamps' places among them, for
+    `Transaction.execute_values`."""
 
-    __slots__ = ("sql", "times", "names", "_pyformat", "_qmark", "_format", "_time_at")
+    __slots__ = ("sql", "times", "names", "time_at", "_pyformat", "_qmark", "_format")
 
     def __init__(self, sql: str, times: Iterable[str] = ()) -> None:
         self.sql = sql
@@ -37,7 +38,7 @@ class Prepared:
         escaped = sql.replace("%", "%%")
         self._pyformat = _NAME.sub(r"%(\1)s", escaped)  # psycopg's style
         self._qmark, self._format = _NAME.sub("?", sql), _NAME.sub("%s", escaped)  # the same, positional
-        self._time_at = tuple(i for i, name in enumerate(self.names) if name in self.times)
+        self.time_at = tuple(i for i, name in enumerate(self.names) if name in self.times)
 
     def text_for(self, sqlite: bool) -> str:
         return self.sql if sqlite else self._pyformat
@@ -141,7 +142,7 @@ class Transaction:
         and the driver binds by position instead of looking each name up (~6 µs less for an audit row's
         40 columns on SQLite)."""
         sql = stmt.positional_for(self.sqlite)
-        if stmt._time_at:
+        if stmt.time_at:
             rows = [self._timed(stmt, r) for r in rows]
         if len(rows) == 1:
             self._cursor.execute(sql, rows[0])
@@ -150,7 +151,7 @@ class Transaction:
 
     def _timed(self, stmt: Prepared, values: Sequence[Any]) -> list[Any]:
         out = list(values)
-        for i in stmt._time_at:
+        for i in stmt.time_at:
             out[i] = self._time(out[i])
         return out
 
