@@ -8,7 +8,7 @@ the `timing`. A stage that refuses sets `outcome` through `refuse()`.
 
 from __future__ import annotations
 
-import secrets
+import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -51,8 +51,14 @@ class Outcome(StrEnum):
         return self.value.startswith("blocked_")
 
 
+_ids = random.Random()  # seeded from os.urandom once: no system call per id
+
+
 def new_request_id() -> str:
-    return "sgr_" + secrets.token_hex(12)
+    """`sgr_`, the time in ms (12 hex digits), 48 random bits (12 more). Time-ordered, so each new
+    audit row's primary key lands on the index's last page: a random id would dirty (and, in a
+    large table, read from disk) a different page on every commit. Not a secret: it grants nothing."""
+    return f"sgr_{time.time_ns() // 1_000_000:012x}{_ids.getrandbits(48):012x}"
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import time
 from typing import Any
 
 import pytest
@@ -166,3 +167,17 @@ def test_edge_answers_are_the_providers_own_shape() -> None:
     assert code(f) == (413, "spendgate_request_too_large")
     answer = EdgeAnswers().upstream_failed(f, 504, "spendgate_upstream_timeout", "slow", final=True)
     assert answer.status_code == 504 and call.outcome is Outcome.UPSTREAM_ERROR and call.status_code == 504
+
+
+def test_request_ids_are_unique_and_in_time_order() -> None:
+    """The audit log's primary key: ids of later requests sort after earlier ones (each insert lands
+    on the index's last page), and ids from the same millisecond still differ."""
+    from spendgate.stages.call import new_request_id
+
+    first = new_request_id()
+    burst = [new_request_id() for _ in range(10_000)]
+    time.sleep(0.002)
+    later = new_request_id()
+    assert len(set(burst)) == len(burst)
+    assert all(len(i) == 28 and i.startswith("sgr_") and int(i[4:], 16) >= 0 for i in burst)
+    assert first[:16] <= min(burst)[:16] and max(burst) < later
