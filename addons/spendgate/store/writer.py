@@ -71,6 +71,7 @@ class AuditWriter:
         self._flush_urgent = False
         self._q: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._checkpoint_due = wal.Due()
         self._pending = 0
         self._lock = threading.Lock()
         self.stats = AuditStats()
@@ -275,7 +276,7 @@ class AuditWriter:
 
     def _checkpoint(self) -> None:
         """SQLite: copy the WAL the loop appends to into the database file (`wal`); never on the loop."""
-        if self._sqlite:
+        if self._sqlite and self._checkpoint_due(self.stats.batches):
             wal.checkpoint(self._link, sqlite_path(self._db.url))
 
     def _store_alive(self) -> bool:

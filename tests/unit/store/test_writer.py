@@ -454,6 +454,22 @@ def test_the_thread_checkpoints_the_wal_the_loop_writes(writer: AuditWriter, pat
     assert wait_until(lambda: in_the_file() == len(rows), timeout=5)
 
 
+def test_a_checkpoint_pass_is_due_every_few_seconds_or_every_few_hundred_commits() -> None:
+    """A pass copies each page the commits since the last one changed, mostly the same few hot
+    pages: so one pass every CHECKPOINT_EVERY seconds, or sooner once CHECKPOINT_COMMITS landed."""
+    now = [100.0]
+    due = wal_module.Due(lambda: now[0])
+    now[0] += wal_module.CHECKPOINT_SECONDS
+    assert not due(10)
+    now[0] += wal_module.CHECKPOINT_EVERY
+    assert due(10)  # the interval is up
+    assert not due(11)
+    assert not due(10 + wal_module.CHECKPOINT_COMMITS - 1)
+    assert due(10 + wal_module.CHECKPOINT_COMMITS)  # enough commits, long before the interval
+    now[0] += wal_module.CHECKPOINT_EVERY
+    assert due(10 + wal_module.CHECKPOINT_COMMITS)  # idle: a pass now and then all the same (a WAL to truncate)
+
+
 def test_the_wal_stays_bounded_while_the_loop_never_pauses(writer: AuditWriter, path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Requests back to back for 3 s, never a pause: a checkpoint pass always ends with frames the
