@@ -16,13 +16,17 @@ load during the run is printed too (`other`).
 The summary gives, per configuration, the median and range over the rounds of the CPU ratio
 gateway / mitmdump (each round's own pair), the added p50 and the added TTFT, against the
 issue's goals: ≤ 1.15× on JSON at c=1 and c=16 and on SSE at c=16 (PostgreSQL ≤ 1.3×), TTFT
-added at c=1 ≤ 1 ms.
+added at c=1 ≤ 1 ms. On a shared 2-core VM one round's ratio can be anywhere in ±20 %, so from
+6 rounds on the summary adds a 95 % confidence interval for the median ratio (from the order of
+the rounds' ratios, no assumption about their spread): a goal is met "robustly" when the whole
+interval is within it. Pass e.g. `--rounds 30 --configs plain:1 --requests 1000` (~5 min).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -116,6 +120,17 @@ def row(name: str, r: dict[str, Any]) -> str:
             + (f"  ERRORS {r['errors']}" if r["errors"] else ""))
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median: the k-th smallest and k-th largest of the
+    values, k the largest with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2; None below 6 values."""
+    n, xs = len(values), sorted(values)
+    tail, k = 0.0, 0
+    while k < n // 2 and tail + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
+        tail += math.comb(n, k) / 2**n
+        k += 1
+    return None if k == 0 else (xs[k - 1], xs[n - k])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
@@ -158,10 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         cpu_m = statistics.median(m["proxy_cpu_us"] for m, _ in pairs)
         other = max(max(m["foreign_cpu"], g["foreign_cpu"]) for m, g in pairs)
         goal = goal_for.get((mode, conc))
-        verdict = "" if goal is None else (" goal ≤ %.2f×: %s" % (goal, "met" if statistics.median(ratios) <= goal
-                                                                     else "MISSED"))
-        line = (f"  {mode:>6} c={conc:<3} {statistics.median(ratios):.2f}× [{min(ratios):.2f}–{max(ratios):.2f}]  "
-                f"({cpu_g:.0f} vs {cpu_m:.0f} µs)  added p50 {statistics.median(added_p50):+.2f} ms")
+        ci = median_interval(ratios)
+        verdict = "" if goal is None else (" goal ≤ %.2f×: %s" % (goal, "MISSED" if statistics.median(ratios) > goal
+                                                                     else "met robustly" if ci and ci[1] <= goal
+                                                                     else "met"))
+        line = (f"  {mode:>6} c={conc:<3} {statistics.median(ratios):.2f}× [{min(ratios):.2f}–{max(ratios):.2f}]"
+                + (f" 95% CI {ci[0]:.2f}–{ci[1]:.2f}" if ci else "")
+                + f"  ({cpu_g:.0f} vs {cpu_m:.0f} µs)  added p50 {statistics.median(added_p50):+.2f} ms")
         if mode.startswith("stream"):
             ttft = statistics.median(added_ttfb)
             line += f"  added TTFT {ttft:+.2f} ms"
