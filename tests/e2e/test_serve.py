@@ -75,6 +75,27 @@ def test_an_address_in_use_stops_serve_with_a_clear_error(tmp_path: Path, _mock_
     assert "Traceback" not in cp.stderr
 
 
+def test_the_rig_takes_new_ports_when_one_it_chose_is_taken_before_serve_binds_it(
+        tmp_path: Path, _mock_provider_session: MockProvider) -> None:
+    """The kernel hands free_port()'s range to outgoing connections too (a suite run lost a start
+    that way): a start-up that finds its port in use is tried once more on new ports."""
+    import socket
+    import urllib.request
+
+    g = GatewayProcess(tmp_path, _mock_provider_session.url, name="serve-port-raced")
+    first = g.metrics_port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", first))
+        s.listen()
+        g.start()
+    try:
+        assert g.metrics_port != first and "Address already in use" in g.log_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{g.metrics_port}/metrics", timeout=10) as r:
+            assert r.status == 200  # serving, on the ports the rig now says
+    finally:
+        g.stop()
+
+
 @pytest.mark.parametrize("asserts", ["", "1"], ids=["optimized", "SPENDGATE_PYTHON_ASSERTS=1"])
 def test_serve_runs_as_the_process_it_was_started_as_under_python_O(
         tmp_path: Path, _mock_provider_session: MockProvider, asserts: str) -> None:

@@ -177,6 +177,7 @@ class GatewayProcess:
         self.db_url = db_url or f"sqlite:///{self.db_path}"
         self.port = proxy_port or free_port()
         self.metrics_port = metrics_port or free_port()
+        self._ports_chosen_here = proxy_port is None and metrics_port is None
         self.config_path = self.workdir / "spendgate.toml"
         self.log_path = self.workdir / "gateway.log"
         self.upstream_keys = dict(UPSTREAM_KEYS)
@@ -257,6 +258,8 @@ class GatewayProcess:
             rc = self.proc.poll()
             if rc is not None:
                 self._close_log()
+                if self._take_new_ports():
+                    return self.start(timeout)
                 raise GatewayError(f"{self.name}: spendgate serve exited with {rc} during start-up\n{self.log_tail()}")
             if self.ca_path.exists() and _port_open(self.port):
                 return self
@@ -267,6 +270,20 @@ class GatewayProcess:
                     f"{_port_open(self.port)}, CA {self.ca_path} exists: {self.ca_path.exists()})\n{self.log_tail()}"
                 )
             time.sleep(0.05)
+
+    def _take_new_ports(self) -> bool:
+        """A port `free_port` picked was taken before serve bound it (the kernel hands the same
+        ephemeral range to outgoing connections): pick again, once per start-up that hit it."""
+        if not self._ports_chosen_here or "Address already in use" not in self.log_tail(1):
+            return False
+        listen = self.config.get("proxy", {}).get("listen"), self.config.get("metrics", {}).get("listen")
+        if listen != (f"127.0.0.1:{self.port}", f"127.0.0.1:{self.metrics_port}"):
+            return False  # the test chose its own addresses
+        self._ports_chosen_here = False
+        self.port, self.metrics_port = free_port(), free_port()
+        self.config["proxy"]["listen"], self.config["metrics"]["listen"] = (
+            f"127.0.0.1:{self.port}", f"127.0.0.1:{self.metrics_port}")
+        return True
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, wait; SIGKILL if it does not exit within ``timeout``. Returns the exit code."""
